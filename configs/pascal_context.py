@@ -1,0 +1,35 @@
+"""Pascal-Context-60 Segmenter rows of the RankSeg paper: ViT-B/16, 480 crops, img_size 512.
+
+Args: head=rankseg|mask|gt, msflip, runlocal. Every forward resizes the 32x32 position
+embedding to 30x30, as the reference does. The reference RankSeg config evaluates with
+multi-scale + flip (its test pipeline); `msflip` turns that on here, single scale by default.
+"""
+
+import ml_collections
+
+from configs import common
+
+MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = common.parse_arg(arg, head="rankseg", msflip=False, runlocal=False)
+    rankseg = arg.head == "rankseg"
+    return common.segmenter_config(
+        "pascal_context",
+        variant="B/16",
+        head=arg.head,
+        oce=False,
+        runlocal=arg.runlocal,
+        iters=80_000,
+        crop=480,
+        img_size=512,
+        img_scale=(4160, 520),
+        k=25,
+        img_loss="asl",
+        img_loss_weight=5.0,
+        weight_decay=1e-6 if rankseg else 0.0,
+        rankseg_decay_mult=rankseg,
+        eval_scales=MS_RATIOS if arg.msflip else (1.0,),
+        eval_flip=arg.msflip,
+    )
