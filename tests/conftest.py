@@ -32,3 +32,14 @@ def official() -> pathlib.Path:
 def torch():
     """torch, or a visible skip when it is not installed (it is optional for the package)."""
     return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def official_small(official, torch):
+    """{'rankseg' | 'mask': (model, params)} loaded from the official small checkpoints."""
+    from rankseg_jax.testing.official import load_small
+
+    return {
+        "rankseg": load_small(official / "rankseg_small.pth", "rankseg"),
+        "mask": load_small(official / "baseline_small.pth", "mask"),
+    }

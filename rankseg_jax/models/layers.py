@@ -1,0 +1,153 @@
+"""Building blocks shared by the ViT encoder and the Segmenter/RankSeg decoders.
+
+Numerics follow the PyTorch reference (rankseg-spec.md section 9): two-pass LayerNorm variance,
+exact-erf GELU, softmax in float32, torch-style attention scaling (the encoder scales q before
+the matmul as nn.MultiheadAttention does; the decoder scales the scores after it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """A torch-equivalent LayerNorm: two-pass variance, statistics in float32."""
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU as torch.nn.GELU computes it; jax's default is the tanh form."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops whole residual branches per sample, scales kept ones by 1/(1-p)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        rng = self.make_rng("dropout")
+        mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def _use_fused(impl: str, dtype: Dtype, dropout_active: bool, has_mask: bool) -> bool:
+    if impl == "xla" or dropout_active or has_mask:
+        return False
+    on_gpu = jax.default_backend() == "gpu"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "cudnn":
+        if not (on_gpu and half):
+            raise ValueError("attention_impl='cudnn' needs a GPU and bfloat16/float16 compute")
+        return True
+    return on_gpu and half
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection laid out [q | k | v] × heads.
+
+    Attributes:
+        num_heads: heads; the head width is width // num_heads.
+        out_name: name of the output projection ('out' in the encoder, 'proj' in the decoder).
+        scale_query: scale q before q·kᵀ (torch MHA) instead of the scores after it.
+        attn_dropout / proj_dropout: dropout on attention probabilities / after the projection.
+    """
+
+    num_heads: int
+    out_name: str = "proj"
+    scale_query: bool = False
+    attn_dropout: float = 0.0
+    proj_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, deterministic: bool, key_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x (B, N, D) → (B, N, D); key_mask (B, N) bool marks keys that may be attended."""
+        b, n, d = x.shape
+        hd = d // self.num_heads
+        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
+        q, k, v = (t[:, :, 0] for t in (q, k, v))  # (B, N, H, hd)
+        dropout_active = not deterministic and self.attn_dropout > 0.0
+        if _use_fused(self.impl, self.dtype, dropout_active, key_mask is not None):
+            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        else:
+            out = self._xla_attention(q, k, v, deterministic, key_mask)
+        out = nn.Dense(d, dtype=self.dtype, name=self.out_name)(out.reshape(b, n, d))
+        return nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
+
+    def _xla_attention(self, q, k, v, deterministic, key_mask):
+        scale = q.shape[-1] ** -0.5
+        if self.scale_query:
+            q = q * jnp.asarray(scale, q.dtype)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        if not self.scale_query:
+            scores = scores * scale
+        if key_mask is not None:
+            scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(self.attn_dropout, broadcast_dims=())(probs, deterministic)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+class Mlp(nn.Module):
+    """fc1 → exact GELU → dropout → fc2 → dropout."""
+
+    hidden: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        d = x.shape[-1]
+        y = gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+        y = nn.Dense(d, dtype=self.dtype, name="fc2")(y)
+        return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+class DecoderBlock(nn.Module):
+    """The Segmenter decoder block: pre-norm (LN eps 1e-5), dropout 0.1 in attention and MLP."""
+
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.1
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, deterministic: bool, key_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """x (B, N, D) → (B, N, D)."""
+        attn = Attention(
+            self.num_heads,
+            out_name="proj",
+            attn_dropout=self.dropout,
+            proj_dropout=self.dropout,
+            dtype=self.dtype,
+            impl=self.attention_impl,
+            name="attn",
+        )
+        y = attn(layer_norm(1e-5, "norm1")(x), deterministic, key_mask)
+        x = x + DropPath(self.drop_path)(y, deterministic)
+        y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(
+            layer_norm(1e-5, "norm2")(x), deterministic
+        )
+        return x + DropPath(self.drop_path)(y, deterministic)
