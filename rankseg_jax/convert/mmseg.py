@@ -165,19 +165,27 @@ def state_dict_to_params(
     return traverse_util.unflatten_dict(params, sep="/")
 
 
+def _listing(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
 def _mismatches(state_dict, wanted, flat, gt_head) -> list[str]:
     missing = sorted(set(wanted) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(wanted))
     problems = []
     if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
+        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+    shapes = []
     for key in sorted(set(wanted) & set(state_dict)):
         path = wanted[key]
         kind = torch_name(path, gt_head)[1]
         want = _torch_shape(tuple(flat[path].shape), kind)
         got = tuple(np.shape(state_dict[key]))
         if want != got:
-            problems.append(f"{key} has shape {got}, the model expects {want}")
+            shapes.append(f"{key} has shape {got}, the model expects {want}")
+    if shapes:
+        problems.append(f"{len(shapes)} wrong shapes: {_listing(shapes, 4)}")
     return problems

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rankseg_jax.models.layers import DecoderBlock, Dtype, layer_norm
+from rankseg_jax.models.layers import HEAD_INIT, DecoderBlock, Dtype, layer_norm
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -83,7 +83,7 @@ class _MaskDecoderBase(nn.Module):
         )  # fmt: skip
 
     def proj_dec(self) -> nn.Dense:
-        return nn.Dense(self.width, dtype=self.dtype, name="proj_dec")
+        return nn.Dense(self.width, dtype=self.dtype, kernel_init=HEAD_INIT, name="proj_dec")
 
     def class_embedding(self, batch: int, backbone_cls: jax.Array | None) -> jax.Array:
         if self.cls_from_backbone:

@@ -16,6 +16,10 @@ import jax.numpy as jnp
 Dtype = Any
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# The reference initialises every decoder Linear with trunc_normal(std=0.02), whose ±2 bounds are
+# absolute (±100σ): effectively N(0, 0.02²). Encoder Linears keep flax's default.
+HEAD_INIT = nn.initializers.normal(0.02)
+DEFAULT_INIT = nn.linear.default_kernel_init
 
 
 def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
@@ -72,6 +76,7 @@ class Attention(nn.Module):
     proj_dropout: float = 0.0
     dtype: Dtype = jnp.float32
     impl: str = "auto"
+    kernel_init: Any = DEFAULT_INIT
 
     @nn.compact
     def __call__(
@@ -80,7 +85,7 @@ class Attention(nn.Module):
         """x (B, N, D) → (B, N, D); key_mask (B, N) bool marks keys that may be attended."""
         b, n, d = x.shape
         hd = d // self.num_heads
-        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x)
+        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=self.kernel_init, name="qkv")(x)
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
         q, k, v = (t[:, :, 0] for t in (q, k, v))  # (B, N, H, hd)
         dropout_active = not deterministic and self.attn_dropout > 0.0
@@ -88,7 +93,8 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
         else:
             out = self._xla_attention(q, k, v, deterministic, key_mask)
-        out = nn.Dense(d, dtype=self.dtype, name=self.out_name)(out.reshape(b, n, d))
+        dense = nn.Dense(d, dtype=self.dtype, kernel_init=self.kernel_init, name=self.out_name)
+        out = dense(out.reshape(b, n, d))
         return nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
 
     def _xla_attention(self, q, k, v, deterministic, key_mask):
@@ -111,13 +117,15 @@ class Mlp(nn.Module):
     hidden: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    kernel_init: Any = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         d = x.shape[-1]
-        y = gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        init = self.kernel_init
+        y = gelu(nn.Dense(self.hidden, dtype=self.dtype, kernel_init=init, name="fc1")(x))
         y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
-        y = nn.Dense(d, dtype=self.dtype, name="fc2")(y)
+        y = nn.Dense(d, dtype=self.dtype, kernel_init=init, name="fc2")(y)
         return nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
 
@@ -143,11 +151,12 @@ class DecoderBlock(nn.Module):
             proj_dropout=self.dropout,
             dtype=self.dtype,
             impl=self.attention_impl,
+            kernel_init=HEAD_INIT,
             name="attn",
         )
         y = attn(layer_norm(1e-5, "norm1")(x), deterministic, key_mask)
         x = x + DropPath(self.drop_path)(y, deterministic)
-        y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(
+        y = Mlp(self.mlp_dim, self.dropout, self.dtype, HEAD_INIT, name="mlp")(
             layer_norm(1e-5, "norm2")(x), deterministic
         )
         return x + DropPath(self.drop_path)(y, deterministic)

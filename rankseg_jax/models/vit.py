@@ -105,9 +105,11 @@ class VisionTransformer(nn.Module):
                     name="patch_embed")(pad_to_patches(images, p))  # fmt: skip
         b, gh, gw, _ = x.shape
         x = x.reshape(b, gh * gw, d)
-        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, d))
+        # From scratch (no checkpoint, no AugReg file) cls/pos start as N(0, 0.02²) like timm;
+        # the reference's random-init path leaves them at 0, which only hurts scratch training.
+        cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, d))
         n_pos = 1 + self.stored_grid[0] * self.stored_grid[1]
-        pos = self.param("pos_embed", nn.initializers.zeros, (1, n_pos, d))
+        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, n_pos, d))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
         x = x + resize_pos_embed(pos, self.stored_grid, (gh, gw)).astype(x.dtype)
         x = self._layers(x, train)

@@ -1,0 +1,56 @@
+"""rankseg_jax entry point: `python main.py --config=configs/demo.py --workdir=DIR [--mode=...]`.
+
+Kept short on purpose: flags, logging, optional jax.distributed, then one call per mode.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"], "Overrides config.mode.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+NOT_YET = {
+    "train": "training (issue: training) is not implemented yet",
+    "eval": "evaluation (issue: evaluation) is not implemented yet",
+    "export": "export (issue: checkpoint interop) is not implemented yet",
+}
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from configs import common
+    from rankseg_jax import commands
+
+    config = FLAGS.config
+    mode = FLAGS.mode or config.mode
+    try:
+        common.validate(config)
+    except common.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if mode in NOT_YET:
+        print(f"error: --mode={mode}: {NOT_YET[mode]}; see the README's status table.")
+        return 2
+    logging.info("mode=%s workdir=%s", mode, FLAGS.workdir)
+    return commands.run(mode, config, FLAGS.workdir)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config errors (unknown keys, bad args) as one line, exit 2."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, FileNotFoundError) as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        print(f"error: {cause if isinstance(exc, flags.Error) else exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
