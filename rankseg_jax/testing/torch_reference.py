@@ -47,6 +47,11 @@ def resize_bilinear(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
 
 
+def drop_path_rates(max_rate: float, n_layers: int) -> list[float]:
+    """Stochastic-depth schedule linspace(0, max_rate, n_layers), as float32 torch computes it."""
+    return [r.item() for r in torch.linspace(0, max_rate, n_layers, device="cpu")]
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample, as timm/mmcv: (B, 1, ...) Bernoulli(1 - p), kept / (1 - p)."""
 
@@ -199,7 +204,7 @@ class VisionTransformer(nn.Module):
             self.cls_emb = None
         self.cls_emb_start_layer = cls_emb_start_layer
         self.patch_embed = PatchEmbed(in_channels, embed_dims, patch_size)
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, num_layers)]
+        rates = drop_path_rates(drop_path_rate, num_layers)
         self.layers = nn.ModuleList(
             EncoderLayer(embed_dims, num_heads, mlp_ratio * embed_dims, rates[i])
             for i in range(num_layers)
@@ -497,7 +502,7 @@ class MaskTransformerHead(nn.Module):
         super().__init__()
         self.n_cls = n_cls
         self.cls_emb_from_backbone = cls_emb_from_backbone
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, n_layers)]
+        rates = drop_path_rates(drop_path_rate, n_layers)
         if not cls_emb_from_backbone:
             self.cls_emb = nn.Parameter(torch.randn(1, n_cls, d_model))
         scale = d_model**-0.5
@@ -594,7 +599,7 @@ class MaskTransformerRankSegHead(nn.Module):
         self.gamma_neg = gamma_neg
         self.gamma_pos = gamma_pos
         self.img_loss_weight = img_loss_weight
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, n_layers)]
+        rates = drop_path_rates(drop_path_rate, n_layers)
         if not cls_emb_from_backbone:
             self.cls_emb = nn.Parameter(torch.randn(1, n_cls, d_model))
         scale = d_model**-0.5
@@ -719,7 +724,7 @@ class MaskTransformerRankSegGTHead(nn.Module):
     ) -> None:
         super().__init__()
         self.n_cls = n_cls
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, n_layers)]
+        rates = drop_path_rates(drop_path_rate, n_layers)
         self.cls_emb = nn.Parameter(torch.randn(1, n_cls, d_model))
         scale = d_model**-0.5
         self.proj_patch = nn.Parameter(scale * torch.randn(d_model, d_model))
