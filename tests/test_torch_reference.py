@@ -55,11 +55,13 @@ def _forward_outputs(model, x):
     return got
 
 
-def test_official_checkpoints_load_strictly(models):
+def test_official_checkpoints_load_strictly(models, official):
     counts = {"rankseg": (79, 332_474), "baseline": (63, 272_812)}
     for name, model in models.items():
         state = model.state_dict()
         assert (len(state), sum(v.numel() for v in state.values())) == counts[name]
+        # Same keys in the same (mmseg state-dict) order, so an export can mirror it.
+        assert list(state) == list(tr.load_checkpoint_state_dict(official / f"{name}_small.pth"))
     assert models["rankseg"].head_type == "rankseg"
     assert models["baseline"].head_type == "mask"
 

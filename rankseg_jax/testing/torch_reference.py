@@ -931,8 +931,9 @@ class Segmenter(nn.Module):
         label = _as_label(label)
         feat, extra = self._head_input(img, label)
         head = self.decode_head
-        outputs = head.forward(feat, extra) if self.head_type == "mask" else None
-        if outputs is None:
+        if self.head_type == "mask":
+            outputs = head.forward(feat, extra)
+        else:
             outputs = head.forward_parts(feat, extra)
         losses = {f"decode.{k}": v for k, v in head.losses(outputs, label).items()}
         losses["loss"] = sum(v for k, v in losses.items() if "loss" in k)
