@@ -106,6 +106,12 @@ def test_pos_embed_resize_matches_torch(torch, src, dst):
     np.testing.assert_allclose(got[:, 1:], ref, atol=1e-5)
 
 
+def test_pos_embed_kept_when_token_count_matches():
+    """mmseg adds the stored embedding as is when the token count matches (6×6 vs 4×9)."""
+    pos = jnp.arange(37 * 2, dtype=jnp.float32).reshape(1, 37, 2)
+    np.testing.assert_array_equal(resize_pos_embed(pos, (6, 6), (4, 9)), pos)
+
+
 @pytest.mark.parametrize("n", [4, 5, 30, 32, 40])
 def test_adaptive_pool_matches_torch(torch, n):
     x = np.random.default_rng(n).normal(size=(2, n, n + 1, 8)).astype(np.float32)

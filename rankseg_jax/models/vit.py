@@ -29,8 +29,11 @@ def resize_pos_embed(pos_embed: jax.Array, src_grid: tuple, dst_grid: tuple) -> 
 
     The cls entry is kept apart; the grid part is resized with PyTorch's cubic convolution
     (A = −0.75, align_corners=False, no antialias), which `CUBIC_PYTORCH` reproduces.
+    As in mmseg, the embedding is used as stored whenever the token *count* matches, even if
+    the grid shape differs (e.g. a 4×9 grid against a stored 6×6): the reference quirk is kept
+    so that the numbers match its checkpoints.
     """
-    if tuple(src_grid) == tuple(dst_grid):
+    if src_grid[0] * src_grid[1] == dst_grid[0] * dst_grid[1]:
         return pos_embed
     d = pos_embed.shape[-1]
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:].reshape(1, *src_grid, d)
