@@ -258,7 +258,7 @@ class SegmentationSource:
         """Raw label value → class id, ignore_index, or -1 for values outside the classes."""
         lut = np.full(1 << self.label_bits, -1, np.int32)
         if self.reduce_zero_label:
-            # mmseg: 0 → ignore, k → k - 1; raw ignore_index also stays ignored (254 → 255).
+            # mmseg: 0 → ignore, k → k - 1, and a raw ignore value stays ignored.
             lut[1 : self.n_cls + 1] = np.arange(self.n_cls, dtype=np.int32)
             lut[0] = self.ignore_index
         else:
@@ -297,6 +297,7 @@ class SegmentationSource:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, "
-            f"examples={len(self)}, n_cls={self.n_cls}, ignore_index={self.ignore_index})"
+            f"{type(self).__name__}(root={getattr(self, 'root', None)!r}, "
+            f"split={getattr(self, 'split', None)!r}, examples={len(getattr(self, 'stems', ()))}, "
+            f"n_cls={self.n_cls}, ignore_index={self.ignore_index})"
         )
