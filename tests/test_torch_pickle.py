@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import collections
 import os
+import pathlib
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import ml_dtypes
@@ -342,3 +345,28 @@ def test_save_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="save_pth needs PyTorch"):
         tp.save_pth({"a": np.zeros(1)}, tmp_path / "x.pth")
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ without torch
+
+
+def test_default_reader_falls_back_without_torch(official, monkeypatch):
+    path = official / "baseline_small.pth"
+    expected = tp.load_pth(path, use_torch=False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    _assert_same_tree(tp.load_pth(path), expected)
+    with pytest.raises(ImportError, match="use_torch=True"):
+        tp.load_pth(path, use_torch=True)
+
+
+def test_convert_modules_import_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import rankseg_jax.convert.torch_pickle, rankseg_jax.convert.augreg_npz\n"
+        "import rankseg_jax.convert.safetensors_io\n"
+    )
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=120
+    )
+    assert result.returncode == 0, result.stderr

@@ -178,7 +178,15 @@ _ALLOWED_GLOBALS: dict[str, Any] = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the allow-listed globals and torch's storage ids."""
+    """Unpickler that resolves only the allow-listed globals and torch's storage ids.
+
+    ``uses`` counts the references to each storage key, so that materialising can drop a
+    storage's bytes after its last tensor (peak memory about one checkpoint, not two).
+    """
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.uses: collections.Counter[str] = collections.Counter()
 
     def find_class(self, module: str, name: str) -> Any:
         qualified = f"{module}.{name}"
@@ -201,6 +209,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"bad storage key {str(key)[:40]!r}")
         if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
             raise pickle.UnpicklingError(f"bad storage size for key {key}")
+        self.uses[key] += 1
         return _StorageRef(key, storage_type.dtype, numel)
 
 
@@ -213,6 +222,7 @@ class _Archive:
 
     def __init__(self, path: str, zf: zipfile.ZipFile) -> None:
         self.path, self.zf = path, zf
+        self.uses: collections.Counter[str] = collections.Counter()
         names = zf.namelist()
         if not names or "/" not in names[0]:
             raise CheckpointError(f"{path}: zip archive without a top-level folder; not torch.save")
@@ -250,28 +260,43 @@ class _Archive:
         return np.frombuffer(raw, dtype=dtype)
 
 
+def _cached_storage(
+    archive: _Archive, ref: _StorageRef, cache: dict[str, np.ndarray]
+) -> np.ndarray:
+    """The storage's array, kept in ``cache`` only while later tensors still use it.
+
+    The use counts come from ``_RestrictedUnpickler.uses``; a storage dropped too early (a
+    pickle that reuses one persistent id) is simply read again.
+    """
+    flat = cache.get(ref.key)
+    if flat is None:
+        flat = archive.storage_array(ref)
+    if archive.uses[ref.key] > 1:
+        archive.uses[ref.key] -= 1
+        cache[ref.key] = flat
+    else:
+        cache.pop(ref.key, None)
+    return flat
+
+
 def _tensor_array(archive: _Archive, ref: _TensorRef, cache: dict[str, np.ndarray]) -> np.ndarray:
     """Materialise a strided view as an owned C-contiguous array, after a bounds check."""
-    storage = ref.storage
-    flat = cache.get(storage.key)
-    if flat is None:
-        flat = cache[storage.key] = archive.storage_array(storage)
-    if any(s < 0 for s in ref.size) or any(s < 0 for s in ref.stride) or ref.offset < 0:
-        raise CheckpointError(f"{archive.path}: negative size, stride or offset in a tensor")
+    flat = _cached_storage(archive, ref.storage, cache)
     shape, strides = ref.size, ref.stride
+    if any(s < 0 for s in shape) or any(s < 0 for s in strides) or ref.offset < 0:
+        raise CheckpointError(f"{archive.path}: negative size, stride or offset in a tensor")
     if 0 in shape:
         return np.zeros(shape, dtype=flat.dtype)
     last = ref.offset + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
     if last >= flat.size:
         raise CheckpointError(
             f"{archive.path}: tensor of shape {shape} reads past the end of storage "
-            f"data/{storage.key} ({flat.size} elements)"
+            f"data/{ref.storage.key} ({flat.size} elements)"
         )
-    item = flat.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
         flat[ref.offset :],
         shape=shape,
-        strides=tuple(s * item for s in strides),
+        strides=tuple(s * flat.dtype.itemsize for s in strides),
         writeable=False,
     )
     return np.array(view, order="C", copy=True)
@@ -315,6 +340,7 @@ def _load_without_torch(path: str) -> Any:
             raise CheckpointError(f"{path}: corrupt or unsupported data.pkl: {err}") from None
         except RecursionError:
             raise CheckpointError(f"{path}: data.pkl nests too deeply") from None
+        archive.uses = unpickler.uses
         cache: dict[str, np.ndarray] = {}
 
         def convert(ref: _TensorRef | _StorageRef) -> np.ndarray:
