@@ -125,6 +125,11 @@ class _StorageRef(_Refuse):
     def __init__(self, key: str, dtype: np.dtype, numel: int) -> None:
         self.key, self.dtype, self.numel = key, dtype, numel
 
+    @property
+    def cache_key(self) -> tuple[str, str, int]:
+        """Key, dtype and size: a record read one way is never reused as another."""
+        return (self.key, self.dtype.str, self.numel)
+
 
 class _TensorRef(_Refuse):
     """A strided view into a storage, as ``_rebuild_tensor_v2`` describes it."""
@@ -186,7 +191,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(self, file: Any) -> None:
         super().__init__(file)
-        self.uses: collections.Counter[str] = collections.Counter()
+        self.uses: collections.Counter[tuple] = collections.Counter()
 
     def find_class(self, module: str, name: str) -> Any:
         qualified = f"{module}.{name}"
@@ -209,8 +214,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"bad storage key {str(key)[:40]!r}")
         if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
             raise pickle.UnpicklingError(f"bad storage size for key {key}")
-        self.uses[key] += 1
-        return _StorageRef(key, storage_type.dtype, numel)
+        ref = _StorageRef(key, storage_type.dtype, numel)
+        self.uses[ref.cache_key] += 1
+        return ref
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +228,7 @@ class _Archive:
 
     def __init__(self, path: str, zf: zipfile.ZipFile) -> None:
         self.path, self.zf = path, zf
-        self.uses: collections.Counter[str] = collections.Counter()
+        self.uses: collections.Counter[tuple] = collections.Counter()
         names = zf.namelist()
         if not names or "/" not in names[0]:
             raise CheckpointError(f"{path}: zip archive without a top-level folder; not torch.save")
@@ -261,25 +267,26 @@ class _Archive:
 
 
 def _cached_storage(
-    archive: _Archive, ref: _StorageRef, cache: dict[str, np.ndarray]
+    archive: _Archive, ref: _StorageRef, cache: dict[tuple, np.ndarray]
 ) -> np.ndarray:
     """The storage's array, kept in ``cache`` only while later tensors still use it.
 
     The use counts come from ``_RestrictedUnpickler.uses``; a storage dropped too early (a
     pickle that reuses one persistent id) is simply read again.
     """
-    flat = cache.get(ref.key)
+    key = ref.cache_key
+    flat = cache.get(key)
     if flat is None:
         flat = archive.storage_array(ref)
-    if archive.uses[ref.key] > 1:
-        archive.uses[ref.key] -= 1
-        cache[ref.key] = flat
+    if archive.uses[key] > 1:
+        archive.uses[key] -= 1
+        cache[key] = flat
     else:
-        cache.pop(ref.key, None)
+        cache.pop(key, None)
     return flat
 
 
-def _tensor_array(archive: _Archive, ref: _TensorRef, cache: dict[str, np.ndarray]) -> np.ndarray:
+def _tensor_array(archive: _Archive, ref: _TensorRef, cache: dict[tuple, np.ndarray]) -> np.ndarray:
     """Materialise a strided view as an owned C-contiguous array, after a bounds check."""
     flat = _cached_storage(archive, ref.storage, cache)
     shape, strides = ref.size, ref.stride
@@ -341,7 +348,7 @@ def _load_without_torch(path: str) -> Any:
         except RecursionError:
             raise CheckpointError(f"{path}: data.pkl nests too deeply") from None
         archive.uses = unpickler.uses
-        cache: dict[str, np.ndarray] = {}
+        cache: dict[tuple, np.ndarray] = {}
 
         def convert(ref: _TensorRef | _StorageRef) -> np.ndarray:
             if isinstance(ref, _StorageRef):  # a bare storage: its elements as a 1-D array
