@@ -90,9 +90,7 @@ def ms_scales(test_scale: Sequence[int], ratios: Sequence[float]) -> list[tuple[
     return [(int(test_scale[0] * r), int(test_scale[1] * r)) for r in ratios]
 
 
-def normalize_image(
-    image: np.ndarray, mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
+def normalize_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(image - mean) / std as mmcv's `imnormalize` computes it: (H, W, 3) -> float32.
 
     cv2 subtracts the mean in float32 and multiplies by 1 / std in float64 before rounding to
@@ -307,9 +305,7 @@ class Inferencer:
         self._forward = jax.jit(forward)
         self._zeros = jax.jit(partial(jnp.zeros, dtype=jnp.float32), static_argnums=0)
         self._merge = jax.jit(_merge_windows, donate_argnums=0)
-        self._accumulate = jax.jit(
-            partial(_accumulate_tile, tile=cfg.tile), donate_argnums=0
-        )
+        self._accumulate = jax.jit(partial(_accumulate_tile, tile=cfg.tile), donate_argnums=0)
         self._finish = jax.jit(
             partial(_finish_tile, tile=cfg.tile, n_cls=n_cls, ignore_index=ignore_index),
             static_argnames=("want_probs", "with_label"),
@@ -697,9 +693,7 @@ def evaluate(
             passes = image_passes(
                 image, mean=mean, std=std, test_scale=test_scale, ratios=ratios, flip=flip
             )
-            yield inferencer.make_job(
-                passes, label.shape, label=label, want_pred=False, tag=index
-            )
+            yield inferencer.make_job(passes, label.shape, label=label, want_pred=False, tag=index)
 
     windows_before = inferencer.windows_run
     start = time.perf_counter()

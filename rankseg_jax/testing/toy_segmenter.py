@@ -76,9 +76,8 @@ def torch_encode_decode(params, img, topk: int = 0):
     if topk:
         score = feat.mean(dim=(2, 3))
         index = torch.argsort(score, dim=1, descending=True)[:, :topk]
-        full = torch.full_like(feat, FILL)
-        feat = full.scatter(1, index[:, :, None, None].expand(-1, -1, gh, gw),
-                            feat.gather(1, index[:, :, None, None].expand(-1, -1, gh, gw)))  # fmt: skip
+        index = index[:, :, None, None].expand(-1, -1, gh, gw)
+        feat = torch.full_like(feat, FILL).scatter(1, index, feat.gather(1, index))
     return F.interpolate(feat, size=(h, w), mode="bilinear", align_corners=False)
 
 
