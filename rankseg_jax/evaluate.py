@@ -260,6 +260,7 @@ class _Job:
     tag: Any
     pending: int = 0
     windows: int = 0
+    canvas_bytes: int = 0
     tiles: list = dataclasses.field(default_factory=list)
 
 
@@ -309,7 +310,6 @@ class Inferencer:
         self._finish = jax.jit(
             partial(_finish_tile, tile=cfg.tile, n_cls=n_cls, ignore_index=ignore_index),
             static_argnames=("want_probs", "with_label"),
-            donate_argnums=0,
         )
 
     # ---- one image -----------------------------------------------------------------------
@@ -399,12 +399,12 @@ class Inferencer:
             nonlocal used
             for job in [j for j in inflight if j.pending == 0]:
                 inflight.remove(job)
-                used -= self._job_bytes(job)
+                used -= job.canvas_bytes
                 self._finish_job(job)
                 finished.append(job)
 
         for job in jobs:
-            need = self._job_bytes(job)
+            job.canvas_bytes = need = self._job_bytes(job)
             if inflight and used + need > budget:
                 self._flush(queues)
                 complete_ready()
@@ -412,7 +412,7 @@ class Inferencer:
             inflight.append(job)
             used += need
             for shape in list(queues):
-                while len(queues[shape]) >= self.config.window_batch:
+                while len(queues.get(shape, ())) >= self.config.window_batch:
                     self._run_batch(queues, shape)
             complete_ready()
             while len(finished) > lag:
