@@ -384,10 +384,11 @@ class Inferencer:
         return _Job(checked, out_size, label, want_pred, want_probs, tag)
 
     def run(self, jobs: Iterable[_Job], lag: int = 2) -> Iterator[Prediction]:
-        """Predictions for a stream of jobs, in order, as numpy.
+        """Predictions for a stream of jobs, as numpy, in the order the images complete.
 
-        Windows of consecutive images share model batches; up to `lag` finished images wait
-        on device before being pulled to the host, so the host never stalls the device.
+        Each carries its job's `tag` (evaluate uses the example index). Windows of consecutive
+        images share model batches; up to `lag` finished images wait on device before being
+        pulled to the host, so the host never stalls the device.
         """
         queues: dict[tuple[int, int], list] = collections.OrderedDict()
         inflight: list[_Job] = []

@@ -266,3 +266,31 @@ def test_clear_errors():
         bad.predict(np.zeros((16, 16, 3), np.float32))
     with pytest.raises(ev.EvaluateError, match="example 0 must be"):
         ev.evaluate(inferencer, [np.zeros(3)], mean=(0,) * 3, std=(1,) * 3, progress=False)
+
+
+@pytest.mark.parametrize("model", ["rankseg", "baseline"])
+def test_official_slide_outputs_from_recorded_window_logits(official, model):
+    """The fixture's x64 images are one 64x64 window each, so their recorded `seg_logits` are
+    exactly what encode_decode returns for those windows; a lookup model that replays them must
+    reproduce `slide_probs` (within 1e-5) and `slide_pred` (exactly) through the whole path."""
+    images = np.load(official / "x64.npy").transpose(0, 2, 3, 1)  # (2, 64, 64, 3)
+    ref = np.load(official / f"{model}_fwd_x64.npz")
+    recorded = ref["seg_logits"].transpose(0, 2, 3, 1)  # (2, 64, 64, 150)
+
+    def replay(params, windows):
+        stored, logits = params
+        match = jax.numpy.all(windows[:, None] == stored[None], axis=(2, 3, 4))  # (N, 2)
+        return jax.numpy.einsum("ni,ihwc->nhwc", match.astype(np.float32), logits)
+
+    config = ev.InferenceConfig(crop=(64, 64), stride=(64, 64), window_batch=2, tile=(32, 64))
+    if model == "rankseg":
+        config = ev.InferenceConfig(**{**config.__dict__, "rankseg_fill": -100.0})
+    inferencer = ev.Inferencer(replay, (images, recorded), 150, config)
+    jobs = [inferencer.make_job([(img, False)], (64, 64), want_probs=True, tag=i)
+            for i, img in enumerate(images)]  # fmt: skip
+    for done in inferencer.run(jobs):
+        probs = ref["slide_probs"][done.tag].transpose(1, 2, 0)
+        np.testing.assert_allclose(done.probs, probs, atol=1e-5)
+        np.testing.assert_array_equal(done.pred, ref["slide_pred"][done.tag])
+        if model == "rankseg":
+            assert done.selected.sum() == 50  # one window: exactly its top-50

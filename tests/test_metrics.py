@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -66,8 +65,8 @@ def test_random_cases_with_absent_classes(seed):
     rng = np.random.default_rng(seed)
     n_cls = 9
     preds, labels = [], []
+    h, w = 17, 23  # one shape: one compilation
     for _ in range(4):
-        h, w = rng.integers(5, 30, size=2)
         label = rng.choice([0, 1, 2, 4, 255], size=(h, w)).astype(np.int32)  # 3, 5.. never labelled
         pred = rng.choice([0, 1, 3, 4, 6], size=(h, w)).astype(np.int32)  # 2, 5.. never predicted
         preds.append(pred)
@@ -81,7 +80,7 @@ def test_random_cases_with_absent_classes(seed):
     np.testing.assert_allclose(res["Acc"], acc, atol=1e-12, equal_nan=True)
     assert math.isnan(res["IoU"][5]) and math.isnan(res["Acc"][3])  # both absent / never labelled
     for pred, label in zip(preds, labels, strict=True):
-        device = metrics.intersect_and_union(jnp.asarray(pred), jnp.asarray(label), n_cls)
+        device = metrics.batch_counts(pred, label, np.ones(pred.shape, bool), n_cls=n_cls)
         np.testing.assert_array_equal(device, metrics.counts_numpy(pred, label, n_cls))
 
 
