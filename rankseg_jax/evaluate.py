@@ -197,7 +197,10 @@ class InferenceConfig:
     canvas_multiple: canvas sides are rounded up to this (0 = max(crop)); larger means fewer
     compilations and more memory. tile: (rows, cols) of the output tiles (memory bound).
     rankseg_fill: the non-top-k fill of a RankSeg model (-100); when set, the classes a window
-    selected (any logit above fill + 0.5) are tracked to report the top-k recall ceilings.
+    selected (any logit above fill + 0.5) are tracked to report the top-k recall ceilings. An
+    image's selected set is the union over its windows (and passes) of each window's top-k:
+    exactly the classes its prediction can output. With one window it is the image's top-k,
+    as in the training metrics; with several it can hold more than k classes.
     max_canvas_mb: canvases of images in flight are kept under this budget (at least one image).
     """
 
@@ -571,6 +574,31 @@ def _finish_tile(
         inside = (oy < sizes[2]) & (ox < sizes[3])
         counts = metrics_lib.intersect_and_union(pred, label, n_cls, ignore_index, inside)
     return pred, probs if want_probs else None, counts
+
+
+def settings_from_config(config: Any) -> tuple[InferenceConfig, dict[str, Any]]:
+    """The InferenceConfig and the `evaluate` keyword arguments a project config asks for.
+
+    Reads eval.{mode, crop, stride, window_batch, scales, flip, max_images}, data.{test_scale,
+    mean, std}, model.head (RankSeg heads fill with -100, so the top-k ceilings are reported).
+    """
+    head = config.model.head
+    inference = InferenceConfig(
+        mode=config.eval.mode,
+        crop=tuple(config.eval.crop),
+        stride=tuple(config.eval.stride),
+        window_batch=int(config.eval.window_batch),
+        rankseg_fill=-100.0 if head in ("rankseg", "gt") else None,
+    )
+    kwargs = dict(
+        mean=tuple(config.data.mean),
+        std=tuple(config.data.std),
+        test_scale=tuple(config.data.test_scale),
+        ratios=tuple(config.eval.scales),
+        flip=bool(config.eval.flip),
+        max_images=int(config.eval.max_images),
+    )
+    return inference, kwargs
 
 
 # ------------------------------------------------------------------------------------------

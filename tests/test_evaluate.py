@@ -294,3 +294,11 @@ def test_official_slide_outputs_from_recorded_window_logits(official, model):
         np.testing.assert_array_equal(done.pred, ref["slide_pred"][done.tag])
         if model == "rankseg":
             assert done.selected.sum() == 50  # one window: exactly its top-50
+
+
+def test_settings_from_config():
+    common = pytest.importorskip("configs.common")
+    config = common.with_defaults({"eval": {"scales": (0.5, 1.0), "flip": True}})
+    inference, kwargs = ev.settings_from_config(config)
+    assert inference.crop == (512, 512) and inference.rankseg_fill == -100.0
+    assert kwargs["ratios"] == (0.5, 1.0) and kwargs["flip"] and kwargs["test_scale"] == (2048, 512)
