@@ -176,10 +176,14 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def _prefetched(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
-    """Iterate `ds` in order, in `num_workers` processes (0: in this process)."""
-    it_ds = ds.to_iter_dataset()
+    """Iterate `ds` in order, in `num_workers` processes (0: in this process, grain's threads).
+
+    Each worker reads with one thread (one core per worker; cv2 is single-threaded there too),
+    so `num_workers` is the number of cores the pipeline uses.
+    """
     if num_workers <= 0:
-        return it_ds
+        return ds.to_iter_dataset()
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     _ensure_absl_flags_parsed()
     options = grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)
