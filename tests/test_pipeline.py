@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -134,6 +135,30 @@ def test_resume_with_prefetch_is_exact_and_worker_count_free():
         resumed.set_state(state)
         assert_same_stream(take(resumed, 4), expected)
         resumed.close()
+
+
+def test_set_state_accepts_json_and_other_process_counts():
+    source = FakeSource(12)
+    it = pl.TrainIterator(source, CFG, process_index=0, process_count=1)
+    take(it, 2)
+    state = json.dumps(it.get_state())
+    expected = {int(p) for p in take(it, 1)[0][1]}
+    halves = set()
+    for p in range(2):
+        other = pl.TrainIterator(source, CFG, process_index=p, process_count=2)
+        other.set_state(state)
+        halves |= {int(q) for q in take(other, 1)[0][1]}
+    assert halves == expected == set(range(8, 12))
+
+
+def test_pipeline_config_from_schema_config():
+    common = pytest.importorskip("configs.common")
+    config = common.with_defaults()
+    cfg = pl.PipelineConfig.from_config(config)
+    assert cfg.augment.crop_size == (512, 512) and cfg.augment.img_scale == (2048, 512)
+    assert cfg.augment.ratio_range == (0.5, 2.0) and cfg.augment.cat_max_ratio == 0.75
+    assert cfg.global_batch == config.batch_size and cfg.test_scale == (2048, 512)
+    assert cfg.mean == (127.5,) * 3 and cfg.num_workers == config.data.num_workers
 
 
 def test_set_state_rejects_foreign_state():

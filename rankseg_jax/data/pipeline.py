@@ -48,6 +48,7 @@ Process p at step s gets dataset indices (s*P + p)*B + b; every process runs the
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -348,6 +349,10 @@ class TrainIterator:
         self._iter: Any = None
         steps_per_epoch(len(source), cfg.global_batch)  # fail early on a too-small dataset
         process_slots(cfg.global_batch, process_index, process_count)
+        if sharding is not None:
+            from rankseg_jax import sharding as shd
+
+            shd.local_batch_size(cfg.global_batch, sharding.mesh)  # MeshError if it won't split
 
     def _ensure_iter(self) -> Any:
         if self._iter is None:
@@ -406,8 +411,14 @@ class TrainIterator:
             num_examples=len(self.source),
         )
 
-    def set_state(self, state: Mapping[str, int]) -> None:
-        """Continue from a `get_state()` result (any worker count); restarts the workers."""
+    def set_state(self, state: Mapping[str, int] | str | bytes) -> None:
+        """Continue from a `get_state()` result (or its JSON); any worker count works.
+
+        The state is the same on every process, so it can be saved once and restored with a
+        different process count too (the positions do not depend on it).
+        """
+        if isinstance(state, str | bytes):
+            state = json.loads(state)
         expected = self.get_state()
         for key in ("version", "seed", "global_batch", "num_examples"):
             if key not in state:
