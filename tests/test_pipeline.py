@@ -159,6 +159,7 @@ def test_pipeline_config_from_schema_config():
     assert cfg.augment.ratio_range == (0.5, 2.0) and cfg.augment.cat_max_ratio == 0.75
     assert cfg.global_batch == config.batch_size and cfg.test_scale == (2048, 512)
     assert cfg.mean == (127.5,) * 3 and cfg.num_workers == config.data.num_workers
+    assert cfg.eval_scales == tuple(config.eval.scales)
 
 
 def test_set_state_rejects_foreign_state():
@@ -235,6 +236,24 @@ def test_eval_every_example_once_with_masked_padding(n_proc, batch):
                 assert image.dtype == np.float32
     assert sorted(seen) == list(range(7))
     assert steps * n_proc * batch > 7  # the tail really was padded
+
+
+def test_eval_multi_scale_images():
+    source = FakeSource(3)
+    ratios = (0.5, 1.0, 1.75)
+    cfg = dataclasses.replace(CFG, eval_scales=ratios)
+    batches = list(pl.eval_batches(source, cfg, batch_size=2, process_index=0, process_count=1))
+    for b in batches:
+        for image, scaled, index in zip(b["image"], b["scaled"], b["index"], strict=True):
+            assert len(scaled) == len(ratios)
+            if index < 0:
+                continue
+            h, w = source[int(index)]["label"].shape
+            for ratio, im in zip(ratios, scaled, strict=True):
+                scale = (int(CFG.test_scale[0] * ratio), int(CFG.test_scale[1] * ratio))
+                assert im.shape == (*T.rescale_size(w, h, scale)[::-1], 3)
+            np.testing.assert_array_equal(scaled[1], image)
+    assert "scaled" not in next(pl.eval_batches(source, CFG, process_index=0, process_count=1))
 
 
 def test_eval_skip_corrupt_pads_and_counts():

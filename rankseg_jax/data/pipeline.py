@@ -39,7 +39,10 @@ becomes a padding entry (valid=False), counted the same way.
 Evaluation format (per process, per step; `eval_batches`): a dict with
   image: list of B float32 (h_i, w_i, 3), normalised, keep-ratio resized to `test_scale`;
   label: list of B int32 (H_i, W_i), the original label;
-  name: list of B str; index: int64 (B,) dataset index (-1 for padding); valid: bool (B,).
+  name: list of B str; index: int64 (B,) dataset index (-1 for padding); valid: bool (B,);
+  scaled: only with multi-scale `eval_scales` (mmseg aug_test): list of B tuples of float32
+    images, one per ratio r, each the original keep-ratio resized to (int(long*r), int(short*r))
+    of `test_scale` (so ratio 1.0 equals `image`); flips are left to the evaluator.
 Process p at step s gets dataset indices (s*P + p)*B + b; every process runs the same
 `eval_steps(N, P, B)` steps and entries past N are padding (valid False, a zero image of
 (short, short) of `test_scale` and an all-ignore label) that must be masked out.
@@ -97,6 +100,7 @@ class PipelineConfig:
     mean: tuple[float, ...] = (127.5, 127.5, 127.5)
     std: tuple[float, ...] = (127.5, 127.5, 127.5)
     test_scale: tuple[int, int] = (2048, 512)
+    eval_scales: tuple[float, ...] = (1.0,)
     num_workers: int = 0
     prefetch: int = 2
     skip_corrupt: bool = False
@@ -121,6 +125,7 @@ class PipelineConfig:
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
             test_scale=tuple(d["test_scale"]),
+            eval_scales=tuple(float(r) for r in config["eval"]["scales"]),
             num_workers=int(d["num_workers"]),
             prefetch=int(d["prefetch"]),
             skip_corrupt=bool(d["skip_corrupt"]),
@@ -489,9 +494,18 @@ class EvalBatchFn:
         image = np.zeros((short, short, 3), np.float32)
         return image, np.full((short, short), self.cfg.augment.ignore_index, np.int32)
 
+    def _scaled(self, image: np.ndarray, ratio: float) -> np.ndarray:
+        """mmseg MultiScaleFlipAug: scale (int(long * r), int(short * r)), then keep-ratio."""
+        long, short = self.cfg.test_scale
+        scale = (int(long * ratio), int(short * ratio))
+        return transforms.eval_transform(image, scale, self.cfg.mean, self.cfg.std)
+
     def __call__(self, step: int) -> dict[str, Any]:
         first = (int(step) * self.process_count + self.process_index) * self.batch_size
+        multi_scale = tuple(self.cfg.eval_scales) != (1.0,)
         out: dict[str, Any] = dict(image=[], label=[], name=[], index=[], valid=[], skipped=[])
+        if multi_scale:
+            out["scaled"] = []
         for index in range(first, first + self.batch_size):
             record = None
             if index < self.num_examples:
@@ -506,16 +520,21 @@ class EvalBatchFn:
                 image, label = self._padding()
                 out["name"].append("")
                 out["index"].append(-1)
+                scaled = tuple(image for _ in self.cfg.eval_scales)  # padding at every scale
             else:
                 image = transforms.eval_transform(
                     record["image"], self.cfg.test_scale, self.cfg.mean, self.cfg.std
                 )
                 label = record["label"]
+                if multi_scale:
+                    scaled = tuple(self._scaled(record["image"], r) for r in self.cfg.eval_scales)
                 out["name"].append(record["name"])
                 out["index"].append(index)
             out["image"].append(image)
             out["label"].append(label)
             out["valid"].append(record is not None)
+            if multi_scale:
+                out["scaled"].append(scaled)
         out["index"] = np.asarray(out["index"], np.int64)
         out["valid"] = np.asarray(out["valid"], bool)
         return out
