@@ -34,12 +34,13 @@ Corrupt records: any exception from `source[i]` (or a malformed record) raises
 corrupt takes the next example of the epoch permutation (positions pos+1, pos+2, ... mod N, up to
 `MAX_REPLACEMENTS`), augmented with the slot's own seed, so batches stay full and deterministic;
 the skips are counted in `TrainIterator.num_skipped` and logged. In evaluation a corrupt example
-becomes a padding entry (valid=False), counted the same way.
+becomes a padding entry (valid=False) and its error is listed in the batch's `skipped`.
 
 Evaluation format (per process, per step; `eval_batches`): a dict with
   image: list of B float32 (h_i, w_i, 3), normalised, keep-ratio resized to `test_scale`;
   label: list of B int32 (H_i, W_i), the original label;
   name: list of B str; index: int64 (B,) dataset index (-1 for padding); valid: bool (B,);
+  skipped: list of error strings of corrupt records replaced by padding (skip_corrupt);
   scaled: only with multi-scale `eval_scales` (mmseg aug_test): list of B tuples of float32
     images, one per ratio r, each the original keep-ratio resized to (int(long*r), int(short*r))
     of `test_scale` (so ratio 1.0 equals `image`); flips are left to the evaluator.
