@@ -437,6 +437,12 @@ class TrainIterator:
         self.close()
         self.step = int(state["step"])
 
+    def __enter__(self) -> TrainIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the worker processes (a later `next` restarts them at the current step)."""
         if self._iter is not None:
