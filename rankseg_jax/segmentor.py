@@ -11,22 +11,14 @@ from __future__ import annotations
 import functools
 import pathlib
 
-import cv2
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rankseg_jax import configuration
+from rankseg_jax import configuration, evaluate
 from rankseg_jax.convert import loading
 from rankseg_jax.models.segmenter import Segmenter, create_model
-
-
-def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmcv `imrescale` keep-ratio target size (h, w): int(side·factor + 0.5)."""
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 def check_image(image: np.ndarray) -> np.ndarray:
@@ -89,33 +81,42 @@ class Segmentor:
         scores, topk = self._class_scores({"params": self.params}, check_batch(images))
         return np.asarray(scores), np.asarray(topk)
 
-    def normalise(self, image: np.ndarray) -> np.ndarray:
-        """Raw uint8 RGB → the test-scale, normalised float32 image (1, h, w, 3)."""
-        image = check_image(image)
-        h, w = rescale_size(*image.shape[:2], tuple(self.config.data.test_scale))
-        resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-        mean = np.asarray(self.config.data.mean, np.float32)
-        std = np.asarray(self.config.data.std, np.float32)
-        return ((resized.astype(np.float32) - mean) / std)[None]
+    @functools.cached_property
+    def inferencer(self) -> evaluate.Inferencer:
+        """The test-time inference of the config (slide windows, scales, flip)."""
+        settings, _ = evaluate.settings_from_config(self.config)
+        forward = lambda params, images: self.model.apply(
+            {"params": params}, images, method=self.model.encode_decode
+        )
+        return evaluate.Inferencer(
+            forward, self.params, self.config.model.n_cls, settings,
+            ignore_index=self.config.data.ignore_index,
+        )  # fmt: skip
 
     def predict(self, image: np.ndarray, gt_label: np.ndarray | None = None) -> np.ndarray:
-        """Raw uint8 RGB (H, W, 3) → label map (H, W) int32, whole-image inference.
+        """Raw uint8 RGB (H, W, 3) → label map (H, W) int32 with the config's test inference.
 
-        The image is resized keep-ratio to `data.test_scale`, the logits are resized back to
-        (H, W) bilinearly, and the argmax of the softmax is returned (as the reference).
+        As the reference: keep-ratio resize to `data.test_scale` (and the `eval.scales` ratios,
+        `eval.flip`), sliding windows of `eval.crop`/`eval.stride` with averaged logits, resize
+        back to (H, W), softmax, argmax. The GT-oracle head needs `gt_label` (H, W) and runs
+        on the whole image.
         """
         image = check_image(image)
-        gt = None if gt_label is None else jnp.asarray(gt_label)[None]
-        logits = self.logits(self.normalise(image), gt)
-        probs = jax.nn.softmax(
-            jax.image.resize(
-                jnp.asarray(logits),
-                (1, *image.shape[:2], logits.shape[-1]),
-                method="linear",
-                antialias=False,
-            ),
-            axis=-1,
-        )
+        _, kw = evaluate.settings_from_config(self.config)
+        passes = evaluate.image_passes(
+            image, mean=kw["mean"], std=kw["std"], test_scale=kw["test_scale"],
+            ratios=kw["ratios"], flip=kw["flip"],
+        )  # fmt: skip
+        if self.config.model.head == "gt":
+            return self._predict_gt(passes[0][0], image.shape[:2], gt_label)
+        return self.inferencer.predict_passes(passes, image.shape[:2]).pred
+
+    def _predict_gt(self, normalised, size, gt_label) -> np.ndarray:
+        if gt_label is None:
+            raise ValueError("the GT-oracle head needs the image's label map (gt_label)")
+        logits = self.logits(normalised[None], jnp.asarray(gt_label)[None])
+        shape = (1, *size, logits.shape[-1])
+        probs = jax.image.resize(jnp.asarray(logits), shape, method="linear", antialias=False)
         return np.asarray(jnp.argmax(probs[0], axis=-1), np.int32)
 
 

@@ -1,4 +1,9 @@
-"""Weights files → Flax params for a model: one entry point for every supported format."""
+"""Weights files → Flax params for a model: one entry point for every supported format.
+
+Formats: mmseg `.pth` (the RankSeg release; read without torch when torch is absent), the
+official Segmenter `.pth` (`model` dict), `.safetensors` (our export), and AugReg `.npz`
+(backbone only; the head keeps the given initial params).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from rankseg_jax.convert import mmseg
+from rankseg_jax.convert.augreg_npz import augreg_npz_to_mmseg
+from rankseg_jax.convert.safetensors_io import load_safetensors
+from rankseg_jax.convert.torch_pickle import load_pth, state_dict_from_checkpoint
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 class CheckpointFormatError(ValueError):
@@ -24,21 +35,27 @@ def expected_params(model, config: ml_collections.ConfigDict):
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), images, gt_labels=labels)["params"]
 
 
-def read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """The mmseg-named state dict stored in a .pth file."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise CheckpointFormatError(f"{path}: reading .pth files needs torch") from exc
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointFormatError(f"{path}: not an mmseg checkpoint (no state_dict)")
-    return {k.removeprefix("module."): v.float().numpy() for k, v in state.items()}
+def read_state_dict(path: str | pathlib.Path, grid: tuple[int, int] | None = None) -> dict:
+    """The mmseg-named state dict (float32 numpy) stored in a weights file of any format.
+
+    `grid` is the model's stored patch grid; AugReg position embeddings are resized to it.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.suffix in TORCH_SUFFIXES:
+        return state_dict_from_checkpoint(load_pth(path))
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)[0]
+    if path.suffix == ".npz":
+        return augreg_npz_to_mmseg(path, grid=grid)
+    raise CheckpointFormatError(
+        f"{path}: unsupported weights format {path.suffix!r} (.pth, .safetensors or .npz)"
+    )
 
 
 def check_model_sizes(state: dict, config: ml_collections.ConfigDict, path) -> None:
-    """Head kind, width, n_cls and k mismatches get their own message before the key lists."""
+    """Head kind, n_cls and k mismatches get their own message before the key lists."""
     m = config.model
     kind = "rankseg" if "decode_head.ml_fc.W" in state else None
     kind = "gt" if "decode_head.mask_norm.gamma" in state else kind
@@ -48,10 +65,10 @@ def check_model_sizes(state: dict, config: ml_collections.ConfigDict, path) -> N
         raise mmseg.CheckpointMismatchError(
             f"{path}: checkpoint has a {kind!r} head, config model.head={m.head!r}"
         )
-    ml_fc = state.get("decode_head.ml_fc.b")
-    if ml_fc is not None and ml_fc.shape[-1] != m.n_cls:
+    cls_emb = state.get("decode_head.cls_emb", state.get("backbone.cls_emb"))
+    if cls_emb is not None and cls_emb.shape[1] != m.n_cls:
         raise mmseg.CheckpointMismatchError(
-            f"{path}: checkpoint has n_cls={ml_fc.shape[-1]}, config model.n_cls={m.n_cls}"
+            f"{path}: checkpoint has n_cls={cls_emb.shape[1]}, config model.n_cls={m.n_cls}"
         )
     mask_norm = state.get("decode_head.mask_norm.weight")
     if m.head == "rankseg" and mask_norm is not None and mask_norm.shape[0] != m.k:
@@ -60,17 +77,31 @@ def check_model_sizes(state: dict, config: ml_collections.ConfigDict, path) -> N
         )
 
 
-def load_params(path, model, config: ml_collections.ConfigDict):
-    """Params for `model` from a weights file (.pth in mmseg layout)."""
+def _backbone_only(expected, base_params):
+    """Split the expected tree: the backbone is loaded, the rest comes from `base_params`."""
+    if base_params is None:
+        raise CheckpointFormatError("an AugReg .npz holds only the backbone: pass base_params")
+    return {"backbone": expected["backbone"]}
+
+
+def load_params(path, model, config: ml_collections.ConfigDict, base_params=None):
+    """Params for `model` from a weights file; every mismatch is reported in one message.
+
+    For an AugReg `.npz` only the backbone is read (its position embedding resized to the
+    model's grid with torch bicubic) and the head is taken from `base_params`.
+    """
     path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix != ".pth":
-        raise CheckpointFormatError(f"{path}: unsupported checkpoint format {path.suffix!r}")
-    state = read_state_dict(path)
+    grid = tuple(s // config.model.patch_size for s in config.model.img_size)
+    state = read_state_dict(path, grid)
     check_model_sizes(state, config, path)
     expected = expected_params(model, config)
+    if path.suffix == ".npz":
+        expected = _backbone_only(expected, base_params)
     params = mmseg.state_dict_to_params(
         state, expected, gt_head=config.model.head == "gt", source=str(path)
     )
+    if path.suffix == ".npz":
+        flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, base_params), sep="/")
+        flat.update(traverse_util.flatten_dict(params, sep="/"))
+        params = traverse_util.unflatten_dict(flat, sep="/")
     return jax.tree.map(jnp.asarray, params)

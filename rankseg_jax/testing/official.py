@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from configs import ade20k_segmenter
-from rankseg_jax.convert import mmseg
+from rankseg_jax.convert import loading, mmseg
 from rankseg_jax.models.segmenter import create_model
 
 
@@ -31,11 +31,8 @@ def small_config(head: str = "rankseg") -> ml_collections.ConfigDict:
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """The `state_dict` of an mmcv checkpoint as float32 numpy arrays (reads with torch)."""
-    import torch
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.numpy() for k, v in checkpoint["state_dict"].items()}
+    """The `state_dict` of an mmcv checkpoint as float32 numpy arrays (no torch needed)."""
+    return loading.read_state_dict(path)
 
 
 def load_small(path: str | pathlib.Path, head: str = "rankseg"):
