@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rankseg_jax import configuration, evaluate
+from rankseg_jax import checkpoint, configuration, evaluate
 from rankseg_jax.convert import loading
 from rankseg_jax.models.segmenter import Segmenter, create_model
 
@@ -44,6 +44,7 @@ class Segmentor:
         self.config = config
         self.model = model
         self.params = params
+        self.weights = "(given params)"
         self._encode_decode = jax.jit(functools.partial(model.apply, method=model.encode_decode))
         self._class_scores = jax.jit(functools.partial(model.apply, method=model.class_scores))
 
@@ -64,6 +65,35 @@ class Segmentor:
         else:
             params = loading.load_params(checkpoint, model, config)
         return cls(config, model, params)
+
+    @classmethod
+    def from_workdir(
+        cls, config: ml_collections.ConfigDict | str, workdir: str | pathlib.Path
+    ) -> Segmentor:
+        """Weights as a run finds them: the workdir's latest checkpoint, else `init_from`.
+
+        Raises CheckpointNotFoundError when neither exists. `self.weights` says which was used.
+        """
+        config = configuration.resolve(config)
+        model = create_model(config.model)
+        step = checkpoint.latest_step(workdir)
+        if step is not None:
+            abstract = loading.expected_params(model, config)
+            params = checkpoint.restore_params(workdir, abstract, step)
+            weights = f"{checkpoint.checkpoint_dir(workdir)}/{step}"
+        elif config.init_from:
+            params = loading.load_params(
+                config.init_from, model, config, init_params(model, config)
+            )
+            weights = config.init_from
+        else:
+            raise checkpoint.CheckpointNotFoundError(
+                f"no checkpoint in {workdir} and no init_from: train first, or set "
+                "--config.init_from=PATH (.pth, .safetensors, .npz or an orbax workdir)"
+            )
+        segmentor = cls(config, model, params)
+        segmentor.weights = weights
+        return segmentor
 
     @property
     def num_params(self) -> int:

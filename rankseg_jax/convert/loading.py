@@ -43,6 +43,8 @@ def read_state_dict(path: str | pathlib.Path, grid: tuple[int, int] | None = Non
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.is_dir():
+        raise CheckpointFormatError(f"{path}: a directory; orbax workdirs load via load_params")
     if path.suffix in TORCH_SUFFIXES:
         return state_dict_from_checkpoint(load_pth(path))
     if path.suffix == ".safetensors":
@@ -91,6 +93,8 @@ def load_params(path, model, config: ml_collections.ConfigDict, base_params=None
     model's grid with torch bicubic) and the head is taken from `base_params`.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        return _orbax_params(path, model, config)
     grid = tuple(s // config.model.patch_size for s in config.model.img_size)
     state = read_state_dict(path, grid)
     check_model_sizes(state, config, path)
@@ -105,3 +109,17 @@ def load_params(path, model, config: ml_collections.ConfigDict, base_params=None
         flat.update(traverse_util.flatten_dict(params, sep="/"))
         params = traverse_util.unflatten_dict(flat, sep="/")
     return jax.tree.map(jnp.asarray, params)
+
+
+def _orbax_params(path: pathlib.Path, model, config: ml_collections.ConfigDict):
+    """Params of an orbax training workdir (its latest step) or of one step folder."""
+    from rankseg_jax import checkpoint
+
+    abstract = expected_params(model, config)
+    if (path / "checkpoints").is_dir():
+        return checkpoint.restore_params(path, abstract)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        return checkpoint.restore_params(path.parent.parent, abstract, int(path.name))
+    raise CheckpointFormatError(
+        f"{path}: not an orbax workdir (no checkpoints/ inside) nor a checkpoints/<step> folder"
+    )

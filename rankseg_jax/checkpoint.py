@@ -1,0 +1,122 @@
+"""Orbax checkpoints of a training run: params, optimizer state, step, rng and data position.
+
+Layout under `<workdir>/checkpoints/<step>/`: item `params` (the Flax params, so evaluation
+and export restore them alone), item `train` (optimizer state, step, rng) and item `data`
+(the input pipeline's JSON state). Orbax writes each step to a temporary folder and renames
+it when complete, so a killed run never leaves a half-written step behind.
+
+Kept: the latest `checkpoint.keep_latest` steps plus the `checkpoint.keep_best` best by mIoU.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = "mIoU"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No checkpoint where one was asked for."""
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(workdir).absolute() / "checkpoints"
+
+
+def _best_metric(metrics: dict[str, Any]) -> float:
+    return float(metrics[BEST_METRIC])
+
+
+def _preservation(config: ml_collections.ConfigDict):
+    keep = [policies.LatestN(n=max(config.checkpoint.keep_latest, 1))]
+    if config.checkpoint.keep_best > 0:
+        keep.append(
+            policies.BestN(
+                get_metric_fn=_best_metric,
+                n=config.checkpoint.keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    return policies.AnyPreservationPolicy(keep)
+
+
+def make_manager(
+    workdir: str | pathlib.Path, config: ml_collections.ConfigDict, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """A CheckpointManager that saves when asked (the train loop decides when)."""
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=_preservation(config),
+        save_decision_policy=policies.FixedIntervalPolicy(1),
+        enable_async_checkpointing=bool(config.checkpoint.async_save),
+        read_only=read_only,
+        create=not read_only,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), item_names=("params", "train", "data"), options=options
+    )
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    params: Any,
+    train: Any,
+    data_state: dict,
+    metrics: dict | None = None,
+) -> None:
+    """Save one step (asynchronously when configured); `metrics` feed the best-N policy."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        train=ocp.args.StandardSave(train),
+        data=ocp.args.JsonSave(data_state),
+    )
+    manager.save(step, args=args, metrics=metrics, force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_train):
+    """(params, train, data_state) of `step`, placed like the abstract targets' shardings."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params),
+        train=ocp.args.StandardRestore(abstract_train),
+        data=ocp.args.JsonRestore(),
+    )
+    restored = manager.restore(step, args=args)
+    return restored.params, restored.train, restored.data
+
+
+def latest_step(workdir: str | pathlib.Path) -> int | None:
+    """The newest complete checkpoint step in `workdir`, or None."""
+    if not checkpoint_dir(workdir).exists():
+        return None
+    return ocp.CheckpointManager(checkpoint_dir(workdir)).latest_step()
+
+
+def restore_params(workdir: str | pathlib.Path, abstract_params, step: int | None = None):
+    """Only the params of a checkpoint (latest by default), e.g. for evaluation or export.
+
+    `abstract_params`: a pytree of jax.ShapeDtypeStruct (with shardings, or defaults).
+    """
+    directory = checkpoint_dir(workdir)
+    if not directory.exists():
+        raise CheckpointNotFoundError(f"no checkpoints in {workdir} (looked in {directory})")
+    manager = ocp.CheckpointManager(directory, item_names=("params",))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointNotFoundError(f"no complete checkpoint step in {directory}")
+    abstract = jax.tree.map(_as_abstract, abstract_params)
+    restored = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+    )
+    manager.close()
+    return restored.params
+
+
+def _as_abstract(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
