@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 
 import cv2
 import ml_collections
@@ -45,5 +46,23 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> int:
     return 0
 
 
+def train(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Train (resuming from the workdir); dataset and checkpoint problems are one line."""
+    from rankseg_jax import train as train_lib
+
+    results = train_lib.train_and_evaluate(config, workdir)
+    if results:
+        print(f"final mIoU {100 * results['mIoU']:.2f} (aAcc {100 * results['aAcc']:.2f})")
+    return 0
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
-    return {"predict": predict}[mode](config, workdir)
+    """Run one mode; user errors (data, weights, config) print one line and exit 2."""
+    from rankseg_jax.errors import USER_ERRORS
+
+    commands = {"train": train, "predict": predict}
+    try:
+        return commands[mode](config, workdir)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
