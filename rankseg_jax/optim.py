@@ -156,7 +156,8 @@ def poly_schedule(
 
     def schedule(count):
         t = jnp.asarray(count, jnp.float32)
-        progress = jnp.clip(1.0 - t / float(total_steps), 0.0, 1.0)
+        # (T − t) / T: exact in float32 up to 2^24 steps, unlike 1 − t/T near the end.
+        progress = jnp.clip((float(total_steps) - t) / float(total_steps), 0.0, 1.0)
         value = (lr - min_lr) * progress**power + min_lr
         if warmup_steps > 0:
             factor = 1.0 - (1.0 - t / float(warmup_steps)) * (1.0 - warmup_ratio)
