@@ -8,6 +8,7 @@ import cv2
 import ml_collections
 import numpy as np
 
+from rankseg_jax.convert import export
 from rankseg_jax.segmentor import Segmentor
 
 
@@ -46,4 +47,4 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> int:
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
-    return {"predict": predict}[mode](config, workdir)
+    return {"predict": predict, "export": export.export}[mode](config, workdir)
