@@ -227,6 +227,19 @@ def test_augreg_npz_import_export(tmp_path):
     assert state["backbone.pos_embed"].shape == (1, 17, 64)
 
 
+def test_augreg_npz_into_an_oce_model_keeps_the_class_embeddings(tmp_path):
+    """The OCE backbone's cls_emb is not in an AugReg file: it comes from the base params."""
+    config = small_config("rankseg")
+    with config.unlocked():
+        config.model.update(oce=True, oce_start_layer=1)
+    model, base = random_params(config, seed=12)
+    npz = tmp_path / "B_16-fake.npz"
+    np.savez(npz, **fake_augreg(np.random.default_rng(3), dim=64, heads=2, mlp=256, layers=2))
+    params = loading.load_params(npz, model, config, base_params=base)
+    np.testing.assert_array_equal(params["backbone"]["cls_emb"], base["backbone"]["cls_emb"])
+    assert "backbone.cls_emb" in export.state_dict_for_export(params, config)
+
+
 def fake_augreg(rng, dim, heads, mlp, layers, grid=24, patch=16):
     """Random arrays under the AugReg (big_vision) names and layouts."""
     r = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
@@ -506,6 +519,7 @@ def test_segmenter_layout_into_a_rankseg_config_is_refused(torch, tmp_path):
         loading.load_params(path, create_model(rankseg.model), rankseg)
     assert str(path) in str(info.value)
     assert "checkpoint has a 'mask' head, config model.head='rankseg'" in str(info.value)
+    assert "official-Segmenter-layout" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -513,8 +527,8 @@ def test_segmenter_layout_into_a_rankseg_config_is_refused(torch, tmp_path):
     [
         ({"img": 80}, r"backbone.pos_embed has shape \(1, 17, 64\), the model expects "
                       r"\(1, 26, 64\)"),
-        ({"oce": True}, r"1 missing keys: backbone.cls_emb; "
-                        r"1 unexpected keys: decode_head.cls_emb"),
+        ({"oce": True}, r"checkpoint has no OCE backbone class embeddings \(backbone.cls_emb\), "
+                        r"config model.oce=True"),
         ({"width": 128}, r"wrong shapes: backbone.cls_token has shape \(1, 1, 64\), the model "
                          r"expects \(1, 1, 128\)"),
     ],
