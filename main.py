@@ -19,7 +19,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 NOT_YET = {
     "eval": "evaluation (issue: evaluation) is not implemented yet",
-    "export": "export (issue: checkpoint interop) is not implemented yet",
 }
 
 

@@ -9,6 +9,7 @@ import cv2
 import ml_collections
 import numpy as np
 
+from rankseg_jax.convert import export
 from rankseg_jax.segmentor import Segmentor
 
 
@@ -60,7 +61,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
     """Run one mode; user errors (data, weights, config) print one line and exit 2."""
     from rankseg_jax.errors import USER_ERRORS
 
-    commands = {"train": train, "predict": predict}
+    commands = {"train": train, "predict": predict, "export": export.export}
     try:
         return commands[mode](config, workdir)
     except USER_ERRORS as exc:
