@@ -18,7 +18,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 NOT_YET = {
     "train": "training (issue: training) is not implemented yet",
-    "eval": "evaluation (issue: evaluation) is not implemented yet",
     "export": "export (issue: checkpoint interop) is not implemented yet",
 }
 

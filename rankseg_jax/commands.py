@@ -45,5 +45,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> int:
     return 0
 
 
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Evaluate the workdir's checkpoint (else init_from) on the val split; see eval_mode."""
+    from rankseg_jax import eval_mode
+
+    return eval_mode.eval_command(config, workdir)
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
-    return {"predict": predict}[mode](config, workdir)
+    return {"predict": predict, "eval": evaluate}[mode](config, workdir)
