@@ -210,9 +210,10 @@ def run_evaluation(
     The images come through the eval pipeline (`data.num_workers` workers, keep-ratio resize
     to `data.test_scale` and the `eval.scales` ratios, normalisation), flips per `eval.flip`,
     the first `eval.max_images` only when > 0. Returns `evaluate.Scorer.result()` summed over
-    processes, plus step, per_class (percent) and `extra`. With `writer` the scalars and the
-    table go to TensorBoard at `step`; with `workdir` process 0 writes the JSON and the table
-    (`results_path`, `table_path`) and prints the table.
+    processes, plus step, per_class (percent), the dataset's int64 pixel `counts`
+    (intersection, prediction, label per class, so runs can be merged) and `extra`. With
+    `writer` the scalars and the table go to TensorBoard at `step`; with `workdir` process 0
+    writes the JSON and the table (`results_path`, `table_path`) and prints the table.
     """
     inferencer = _inferencer_of(evaluator)
     if params is not None:
@@ -233,6 +234,11 @@ def run_evaluation(
     scorer.consume(jobs, progress=show, total=local_image_count(len(source), max_images))
     results = merged_result(scorer)
     results["step"] = int(step)
+    counts = scorer.meter.counts
+    results["counts"] = {
+        name: [int(v) for v in counts[row]]
+        for name, row in (("intersection", 0), ("prediction", 1), ("label", 2))
+    }
     per_class = zip(results["class_names"], results["IoU"], results["Acc"], strict=True)
     results["per_class"] = {
         name: {"IoU": metrics.percent(iou), "Acc": metrics.percent(acc)}

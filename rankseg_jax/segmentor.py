@@ -83,9 +83,10 @@ class Segmentor:
             params = checkpoint.restore_params(workdir, abstract, step)
             weights = f"{checkpoint.checkpoint_dir(workdir)}/{step}"
         elif config.init_from:
-            params = loading.load_params(
-                config.init_from, model, config, init_params(model, config)
-            )
+            # Only an AugReg .npz (backbone only) needs the initialised head.
+            npz = pathlib.Path(config.init_from).suffix == ".npz"
+            base = init_params(model, config) if npz else None
+            params = loading.load_params(config.init_from, model, config, base)
             weights = config.init_from
         else:
             raise checkpoint.CheckpointNotFoundError(
