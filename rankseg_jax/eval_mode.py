@@ -317,7 +317,8 @@ def inference_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def eval_command(config: ml_collections.ConfigDict, workdir: str) -> int:
     """`--mode=eval`: evaluate the workdir's latest checkpoint (else init_from) on val.
 
-    Returns 0, or 2 after one error line for a missing/unreadable dataset or checkpoint.
+    Returns 0, or 2 after one error line for a missing/unreadable dataset or checkpoint, or a
+    corrupt example (unless `data.skip_corrupt`).
     """
     from rankseg_jax.segmentor import Segmentor
 
@@ -343,6 +344,9 @@ def eval_command(config: ml_collections.ConfigDict, workdir: str) -> int:
         run_evaluation(
             segmentor, config, source, step=step, writer=writer, workdir=workdir, extra=extra
         )
+    except (pipeline.CorruptRecordError, DatasetError) as err:
+        print(f"error: {err} (data.skip_corrupt=True skips unreadable examples)", file=sys.stderr)
+        return 2
     finally:
         writer.close()
     return 0

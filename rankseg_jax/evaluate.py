@@ -26,6 +26,9 @@ image size:
   device in fixed output tiles (`tile`, rows x cols) with the sizes and the tile origin traced:
   memory is bounded by the tile whatever the image size, and it compiles once per canvas
   bucket. Metrics counts are computed in the same tile program (int32 on device).
+* Models that read the label at test time (the GT-oracle head reads the whole image's class
+  set in every window) get a small fixed-shape per-image context (`label_context`,
+  `gt_class_set`) stacked alongside their windows, so they batch and compile like the others.
 
 Compilation bound for a dataset (single scale, slide): the model once per window shape; the
 canvas zeros, merge and two tile programs once per canvas bucket (x window shape for the merge);

@@ -139,6 +139,26 @@ def test_workdir_checkpoint_wins_over_init_from(setup, tmp_path):
     np.testing.assert_array_equal(results["counts"]["prediction"], counts[metrics.PRED])
 
 
+def test_gt_oracle_evaluation_selects_the_label_classes(setup):
+    """run_evaluation with the GT-oracle head: every window gets its image's class set from the
+    label, so the top-k ceilings are exactly 1; counts equal Segmentor.predict(image, label)."""
+    config = setup[0].copy_and_resolve_references()
+    config.model.update(head="gt", k=150, dec_layers=2)
+    config.init_from = ""
+    segmentor = Segmentor.from_config(config)
+    source = sources.source_from_config(config, "val")
+    results = eval_mode.run_evaluation(segmentor, config, source, progress=False)
+    assert results["topk"]["pixel_recall"] == 1.0 and results["topk"]["image_recall"] == 1.0
+    total = np.zeros((3, source.n_cls), np.int64)
+    for index in range(len(source)):
+        example = source[index]
+        pred = segmentor.predict(example["image"], gt_label=example["label"])
+        assert set(np.unique(pred)) <= set(np.unique(example["label"]))
+        total += metrics.counts_numpy(pred, example["label"], source.n_cls)
+    got = np.array([results["counts"][k] for k in ("intersection", "prediction", "label")])
+    np.testing.assert_array_equal(got, total)
+
+
 def test_missing_dataset_is_one_line_and_exit_2(tmp_path):
     """main.py --mode=eval on a missing dataset: exit code 2, one error line, no traceback."""
     missing = tmp_path / "nowhere"
