@@ -17,10 +17,6 @@ flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"], "Overrid
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize().")
 flags.mark_flags_as_required(["config", "workdir"])
 
-NOT_YET = {
-    "eval": "evaluation (issue: evaluation) is not implemented yet",
-}
-
 
 def main(argv: list[str]) -> int:
     del argv
@@ -36,9 +32,6 @@ def main(argv: list[str]) -> int:
         common.validate(config)
     except common.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if mode in NOT_YET:
-        print(f"error: --mode={mode}: {NOT_YET[mode]}; see the README's status table.")
         return 2
     logging.info("mode=%s workdir=%s", mode, FLAGS.workdir)
     return commands.run(mode, config, FLAGS.workdir)

@@ -57,11 +57,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> int:
     return 0
 
 
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Evaluate the workdir's checkpoint (else init_from) on the val split; see eval_mode."""
+    from rankseg_jax import eval_mode
+
+    return eval_mode.eval_command(config, workdir)
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
     """Run one mode; user errors (data, weights, config) print one line and exit 2."""
     from rankseg_jax.errors import USER_ERRORS
 
-    commands = {"train": train, "predict": predict, "export": export.export}
+    commands = {"train": train, "eval": evaluate, "predict": predict, "export": export.export}
     try:
         return commands[mode](config, workdir)
     except USER_ERRORS as exc:

@@ -26,6 +26,9 @@ image size:
   device in fixed output tiles (`tile`, rows x cols) with the sizes and the tile origin traced:
   memory is bounded by the tile whatever the image size, and it compiles once per canvas
   bucket. Metrics counts are computed in the same tile program (int32 on device).
+* Models that read the label at test time (the GT-oracle head reads the whole image's class
+  set in every window) get a small fixed-shape per-image context (`label_context`,
+  `gt_class_set`) stacked alongside their windows, so they batch and compile like the others.
 
 Compilation bound for a dataset (single scale, slide): the model once per window shape; the
 canvas zeros, merge and two tile programs once per canvas bucket (x window shape for the merge);
@@ -51,8 +54,10 @@ from jax import lax
 
 from rankseg_jax import metrics as metrics_lib
 
-EncodeDecode = Callable[[Any, jax.Array], jax.Array]
-"""(params, windows (N, h, w, 3) float32) -> logits (N, h, w, n_cls) float32."""
+EncodeDecode = Callable[..., jax.Array]
+"""(params, windows (N, h, w, 3) float32[, context (N, ...)]) -> logits (N, h, w, n_cls) float32.
+
+The context argument exists only for an Inferencer built with `label_context` (GT oracle)."""
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # tools/test.py --aug-test
@@ -261,6 +266,7 @@ class _Job:
     want_pred: bool
     want_probs: bool
     tag: Any
+    context: np.ndarray | None = None
     pending: int = 0
     windows: int = 0
     canvas_bytes: int = 0
@@ -272,6 +278,13 @@ class Inferencer:
 
     params: the model parameters (passed through to `encode_decode`); n_cls: classes; the
     rest as in `InferenceConfig`. Use `predict` for one image, `run` for a stream.
+
+    label_context: for models that read per-image information from the label at test time
+    (the GT-oracle head reads the whole image's class set in every window): label (H0, W0) ->
+    a fixed-shape array (e.g. `gt_class_set`, (1, n_cls) int32). `encode_decode` is then
+    called as (params, windows, context (N, ...)), each window with its own image's context
+    (padding rows get zeros). The shape is the same for every image, so it adds no
+    compilation. A job takes its context from `context=` or else from its label.
     """
 
     def __init__(
@@ -282,8 +295,10 @@ class Inferencer:
         config: InferenceConfig | None = None,
         *,
         ignore_index: int = 255,
+        label_context: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.config = config or InferenceConfig()
+        self.label_context = label_context
         self.params = params
         self.n_cls = n_cls
         self.ignore_index = ignore_index
@@ -293,8 +308,8 @@ class Inferencer:
         self._multiple = cfg.canvas_multiple or max(cfg.crop)
         fill = cfg.rankseg_fill
 
-        def forward(params, windows):
-            logits = encode_decode(params, windows)
+        def forward(params, windows, *context):
+            logits = encode_decode(params, windows, *context)
             expected = windows.shape[:3] + (n_cls,)
             if logits.shape != expected:
                 raise EvaluateError(
@@ -325,15 +340,19 @@ class Inferencer:
         flip: bool = False,
         return_probs: bool = False,
         label: np.ndarray | None = None,
+        context: np.ndarray | None = None,
     ) -> Prediction:
         """Reference `inference(img, rescale=True)` for one normalised image (H, W, 3) float32.
 
         out_size: the original (H0, W0) to resize to (default: the image's own size). flip:
         run on the flipped image and flip the output back. Returns pred (H0, W0) int32, probs
-        (H0, W0, C) when asked, metric counts when a label (H0, W0) is given.
+        (H0, W0, C) when asked, metric counts when a label (H0, W0) is given. context: see
+        `label_context`.
         """
         passes = [(np.ascontiguousarray(image[:, ::-1]) if flip else image, flip)]
-        return self.predict_passes(passes, out_size, return_probs=return_probs, label=label)
+        return self.predict_passes(
+            passes, out_size, return_probs=return_probs, label=label, context=context
+        )
 
     def predict_passes(
         self,
@@ -342,13 +361,14 @@ class Inferencer:
         *,
         return_probs: bool = False,
         label: np.ndarray | None = None,
+        context: np.ndarray | None = None,
     ) -> Prediction:
         """`aug_test`: probabilities of several (image, flipped) passes averaged, then argmax.
 
         Each image is normalised float32 (H_i, W_i, 3), already flipped where flipped is True.
         """
         out_size = out_size or passes[0][0].shape[:2]
-        job = self.make_job(passes, out_size, label=label, want_probs=return_probs)
+        job = self.make_job(passes, out_size, label=label, want_probs=return_probs, context=context)
         (done,) = list(self.run([job]))
         return done
 
@@ -363,6 +383,7 @@ class Inferencer:
         want_pred: bool = True,
         want_probs: bool = False,
         tag: Any = None,
+        context: np.ndarray | None = None,
     ) -> _Job:
         """Package one image's passes for `run`; checks shapes and dtypes with clear errors."""
         if not passes:
@@ -384,7 +405,18 @@ class Inferencer:
                     f"label must be an integer array of shape {out_size}; got {label.dtype} "
                     f"{label.shape}"
                 )
-        return _Job(checked, out_size, label, want_pred, want_probs, tag)
+        if self.label_context is not None and context is None:
+            if label is None:
+                raise EvaluateError(
+                    "this model reads the image's label at test time (GT-oracle head): give "
+                    "the label map or its context"
+                )
+            context = self.label_context(label)
+        if context is not None:
+            if self.label_context is None:
+                raise EvaluateError("context given, but the Inferencer has no label_context")
+            context = np.asarray(context)
+        return _Job(checked, out_size, label, want_pred, want_probs, tag, context)
 
     def run(self, jobs: Iterable[_Job], lag: int = 2) -> Iterator[Prediction]:
         """Predictions for a stream of jobs, as numpy, in the order the images complete.
@@ -466,7 +498,14 @@ class Inferencer:
         for row, (_, p, y1, x1) in enumerate(items):
             windows[row] = p.image[y1 : y1 + h, x1 : x1 + w]
             offsets[row] = (y1, x1)
-        logits, selected = self._forward(self.params, windows)
+        context = ()
+        if self.label_context is not None:
+            first = items[0][0].context
+            stacked = np.zeros((size, *first.shape), first.dtype)
+            for row, (job, _, _, _) in enumerate(items):
+                stacked[row] = job.context
+            context = (stacked,)
+        logits, selected = self._forward(self.params, windows, *context)
         self.windows_run += len(items)
         self.batches_run += 1
         rows_of: dict[int, list[int]] = collections.OrderedDict()
@@ -676,6 +715,31 @@ def image_passes(
     return passes
 
 
+def gt_class_set(label: np.ndarray, n_cls: int) -> np.ndarray:
+    """A (1, n_cls) int32 "label" that carries only the class set of `label` (H, W).
+
+    Entry c is c where class c occurs in the label, else n_cls (not a class). The GT-oracle
+    head reads only the set of classes of its `gt_labels`, so this small fixed-shape stand-in
+    gives every window the whole image's class set (the reference passes the whole-image label
+    to every window) without a per-size compilation.
+    """
+    label = np.asarray(label).ravel()
+    present = np.zeros(n_cls, bool)
+    values = label[(label >= 0) & (label < n_cls)].astype(np.int64)
+    present[np.unique(values)] = True
+    return np.where(present, np.arange(n_cls), n_cls).astype(np.int32)[None]
+
+
+def _checked_label(label: Any, image_shape: tuple[int, ...], index: Any) -> np.ndarray:
+    label = np.asarray(label)
+    if label.shape != tuple(image_shape[:2]):
+        raise EvaluateError(
+            f"example {index}: label shape {label.shape} does not match image shape "
+            f"{tuple(image_shape[:2])}"
+        )
+    return label.astype(np.int32)
+
+
 def evaluate(
     inferencer: Inferencer,
     examples: Iterable[Any],
@@ -700,8 +764,6 @@ def evaluate(
     Returns `MeanIoU.result()` plus `topk` (when `rankseg_fill` is set), `eval_time_s`,
     `images_per_s`, `windows`, `windows_per_s` and `compilations`.
     """
-    meter = metrics_lib.MeanIoU(inferencer.n_cls, class_names)
-    recall = metrics_lib.TopkRecall() if inferencer.config.rankseg_fill is not None else None
 
     def jobs() -> Iterator[_Job]:
         for index, example in enumerate(examples):
@@ -713,40 +775,100 @@ def evaluate(
             label = np.asarray(label)
             if reduce_zero_label:
                 label = metrics_lib.reduce_zero_label(label, inferencer.ignore_index)
-            label = label.astype(np.int32)
-            if label.shape != np.shape(image)[:2]:
-                raise EvaluateError(
-                    f"example {index}: label shape {label.shape} does not match image shape "
-                    f"{np.shape(image)[:2]}"
-                )
+            label = _checked_label(label, np.shape(image), index)
             passes = image_passes(
                 image, mean=mean, std=std, test_scale=test_scale, ratios=ratios, flip=flip
             )
             yield inferencer.make_job(passes, label.shape, label=label, want_pred=False, tag=index)
 
-    windows_before = inferencer.windows_run
-    start = time.perf_counter()
-    with count_compilations() as compiled:
-        stream = inferencer.run(jobs())
-        if progress:
-            from tqdm.auto import tqdm
+    limit = min(total, max_images) if total and max_images else (total or max_images)
+    scorer = Scorer(inferencer, class_names)
+    scorer.consume(jobs(), progress=progress, total=limit or None)
+    return scorer.result()
 
-            limit = min(total, max_images) if total and max_images else (total or max_images)
-            stream = tqdm(stream, total=limit or None, desc="eval", unit="img")
-        for done in stream:
-            meter.update(done.counts)
-            if recall is not None:
-                recall.update(done.selected, done.counts[metrics_lib.LABEL])
-    seconds = time.perf_counter() - start
-    windows = inferencer.windows_run - windows_before
-    results = meter.result()
-    if recall is not None:
-        results["topk"] = recall.result()
-    results.update(
-        eval_time_s=seconds,
-        images_per_s=meter.num_images / seconds if seconds else math.nan,
-        windows=windows,
-        windows_per_s=windows / seconds if seconds else math.nan,
-        compilations=len(compiled),
-    )
-    return results
+
+def batch_jobs(
+    inferencer: Inferencer, batches: Iterable[Mapping[str, Any]], *, flip: bool = False
+) -> Iterator[_Job]:
+    """Jobs from the eval pipeline's batches (`rankseg_jax.data.pipeline.eval_batches`).
+
+    Each batch holds lists `image` (normalised float32 (h, w, 3), already keep-ratio resized to
+    the test scale), `label` (H0, W0) class ids, `valid`, `index`, and with several eval scales
+    `scaled` (one image per ratio). Passes: every scale, plus its horizontal flip when `flip`.
+    Padding entries (valid False) are dropped. The tag is the dataset index.
+    """
+    for batch in batches:
+        scaled = batch.get("scaled")
+        for row, valid in enumerate(batch["valid"]):
+            if not valid:
+                continue
+            index = int(batch["index"][row])
+            images = scaled[row] if scaled is not None else (batch["image"][row],)
+            passes = []
+            for image in images:
+                passes.append((np.asarray(image, np.float32), False))
+                if flip:
+                    passes.append((np.ascontiguousarray(image[:, ::-1], np.float32), True))
+            label = np.asarray(batch["label"][row])
+            label = _checked_label(label, label.shape, index)
+            yield inferencer.make_job(passes, label.shape, label=label, want_pred=False, tag=index)
+
+
+class Scorer:
+    """Runs jobs through an Inferencer and accumulates mIoU counts and top-k ceilings.
+
+    Kept separate from the loop so that several processes can each score their share and
+    merge `counts` / `recall` before `result()` (see `rankseg_jax.eval_mode`).
+    """
+
+    def __init__(self, inferencer: Inferencer, class_names: Sequence[str] | None = None):
+        self.inferencer = inferencer
+        self.meter = metrics_lib.MeanIoU(inferencer.n_cls, class_names)
+        topk = inferencer.config.rankseg_fill is not None
+        self.recall = metrics_lib.TopkRecall() if topk else None
+        self.seconds = 0.0
+        self.windows = 0
+        self.compilations = 0
+
+    def consume(
+        self,
+        jobs: Iterable[_Job],
+        *,
+        progress: bool = True,
+        total: int | None = None,
+        on_image: Callable[[Prediction], None] | None = None,
+    ) -> None:
+        """Score a stream of jobs (each with a label); a tqdm bar when `progress`."""
+        windows_before = self.inferencer.windows_run
+        start = time.perf_counter()
+        with count_compilations() as compiled:
+            stream = self.inferencer.run(jobs)
+            if progress:
+                from tqdm.auto import tqdm
+
+                stream = tqdm(stream, total=total, desc="eval", unit="img")
+            for done in stream:
+                self.meter.update(done.counts)
+                if self.recall is not None:
+                    self.recall.update(done.selected, done.counts[metrics_lib.LABEL])
+                if on_image is not None:
+                    on_image(done)
+        self.seconds += time.perf_counter() - start
+        self.windows += self.inferencer.windows_run - windows_before
+        self.compilations += len(compiled)
+
+    def result(self) -> dict[str, Any]:
+        """`MeanIoU.result()` plus topk, eval_time_s, images_per_s, windows, windows_per_s,
+        compilations."""
+        seconds = self.seconds
+        results = self.meter.result()
+        if self.recall is not None:
+            results["topk"] = self.recall.result()
+        results.update(
+            eval_time_s=seconds,
+            images_per_s=self.meter.num_images / seconds if seconds else math.nan,
+            windows=self.windows,
+            windows_per_s=self.windows / seconds if seconds else math.nan,
+            compilations=self.compilations,
+        )
+        return results

@@ -45,6 +45,7 @@ class Segmentor:
         self.model = model
         self.params = params
         self.weights = "(given params)"
+        self.step: int | None = None  # the checkpoint step when loaded from a workdir
         self._encode_decode = jax.jit(functools.partial(model.apply, method=model.encode_decode))
         self._class_scores = jax.jit(functools.partial(model.apply, method=model.class_scores))
 
@@ -82,9 +83,10 @@ class Segmentor:
             params = checkpoint.restore_params(workdir, abstract, step)
             weights = f"{checkpoint.checkpoint_dir(workdir)}/{step}"
         elif config.init_from:
-            params = loading.load_params(
-                config.init_from, model, config, init_params(model, config)
-            )
+            # Only an AugReg .npz (backbone only) needs the initialised head.
+            npz = pathlib.Path(config.init_from).suffix == ".npz"
+            base = init_params(model, config) if npz else None
+            params = loading.load_params(config.init_from, model, config, base)
             weights = config.init_from
         else:
             raise checkpoint.CheckpointNotFoundError(
@@ -93,6 +95,7 @@ class Segmentor:
             )
         segmentor = cls(config, model, params)
         segmentor.weights = weights
+        segmentor.step = step
         return segmentor
 
     @property
@@ -113,14 +116,22 @@ class Segmentor:
 
     @functools.cached_property
     def inferencer(self) -> evaluate.Inferencer:
-        """The test-time inference of the config (slide windows, scales, flip)."""
+        """The test-time inference of the config (slide windows, scales, flip).
+
+        The GT-oracle head gets each image's class set in every window (`gt_class_set`), as
+        the reference passes the whole-image label to every window.
+        """
         settings, _ = evaluate.settings_from_config(self.config)
-        forward = lambda params, images: self.model.apply(
-            {"params": params}, images, method=self.model.encode_decode
+        n_cls = self.config.model.n_cls
+        label_context = None
+        if self.config.model.head == "gt":
+            label_context = functools.partial(evaluate.gt_class_set, n_cls=n_cls)
+        forward = lambda params, images, gt_labels=None: self.model.apply(
+            {"params": params}, images, gt_labels, method=self.model.encode_decode
         )
         return evaluate.Inferencer(
-            forward, self.params, self.config.model.n_cls, settings,
-            ignore_index=self.config.data.ignore_index,
+            forward, self.params, n_cls, settings,
+            ignore_index=self.config.data.ignore_index, label_context=label_context,
         )  # fmt: skip
 
     def predict(self, image: np.ndarray, gt_label: np.ndarray | None = None) -> np.ndarray:
@@ -128,8 +139,8 @@ class Segmentor:
 
         As the reference: keep-ratio resize to `data.test_scale` (and the `eval.scales` ratios,
         `eval.flip`), sliding windows of `eval.crop`/`eval.stride` with averaged logits, resize
-        back to (H, W), softmax, argmax. The GT-oracle head needs `gt_label` (H, W) and runs
-        on the whole image.
+        back to (H, W), softmax, argmax. The GT-oracle head needs `gt_label` (H, W) class ids
+        (its class set goes to every window).
         """
         image = check_image(image)
         _, kw = evaluate.settings_from_config(self.config)
@@ -137,17 +148,12 @@ class Segmentor:
             image, mean=kw["mean"], std=kw["std"], test_scale=kw["test_scale"],
             ratios=kw["ratios"], flip=kw["flip"],
         )  # fmt: skip
+        context = None
         if self.config.model.head == "gt":
-            return self._predict_gt(passes[0][0], image.shape[:2], gt_label)
-        return self.inferencer.predict_passes(passes, image.shape[:2]).pred
-
-    def _predict_gt(self, normalised, size, gt_label) -> np.ndarray:
-        if gt_label is None:
-            raise ValueError("the GT-oracle head needs the image's label map (gt_label)")
-        logits = self.logits(normalised[None], jnp.asarray(gt_label)[None])
-        shape = (1, *size, logits.shape[-1])
-        probs = jax.image.resize(jnp.asarray(logits), shape, method="linear", antialias=False)
-        return np.asarray(jnp.argmax(probs[0], axis=-1), np.int32)
+            if gt_label is None:
+                raise ValueError("the GT-oracle head needs the image's label map (gt_label)")
+            context = evaluate.gt_class_set(gt_label, self.config.model.n_cls)
+        return self.inferencer.predict_passes(passes, image.shape[:2], context=context).pred
 
 
 def init_params(model: Segmenter, config: ml_collections.ConfigDict):

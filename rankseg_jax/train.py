@@ -66,7 +66,7 @@ def with_train_items(state: TrainState, params: PyTree, items: dict) -> TrainSta
 
 
 def _global_norm(tree: PyTree) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def _all_finite(*trees: PyTree) -> jax.Array:
@@ -193,20 +193,6 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient; the message names the step."""
 
 
-def _source(config: ml_collections.ConfigDict, split: str):
-    """The dataset reader of a split, generating the synthetic data first when configured."""
-    from rankseg_jax.data import synthetic
-    from rankseg_jax.data.sources import make_source
-
-    d = config.data
-    if d.generate_if_missing and d.dataset == "synthetic_ade20k":
-        synthetic.ensure_ade20k(
-            d.root, d.synthetic_train, d.synthetic_val, d.synthetic_seed,
-            val_seed=d.synthetic_val_seed,
-        )  # fmt: skip
-    return make_source(d.dataset, d.root, split)
-
-
 def _abstract_state(model, tx, config, image_shape):
     def make():
         images = jnp.zeros((1, *image_shape, 3), jnp.float32)
@@ -249,18 +235,6 @@ def initial_state(config, workdir, model, tx, mesh, manager):
     )
     kind = "init_from" if config.init_from else "model.pretrained (backbone)"
     return state, None, f"{kind} {weights}"
-
-
-def make_writer(workdir):
-    """clu writer: TensorBoard + console on process 0, console only elsewhere."""
-    from rankseg_jax.tensorboard import hide_gpus_from_tensorflow
-
-    hide_gpus_from_tensorflow()
-    from clu import metric_writers
-
-    return metric_writers.create_default_writer(
-        str(workdir), just_logging=jax.process_index() > 0, asynchronous=True
-    )
 
 
 def _hparams(config: ml_collections.ConfigDict) -> dict:
@@ -309,29 +283,16 @@ def _log_step(writer, step, acc, timer, config, schedule, pipeline) -> None:
     writer.write_scalars(step, scalars)
 
 
-def _maybe_evaluate(config, model, state, step, writer, val_source) -> dict | None:
+def _maybe_evaluate(config, evaluator, state, step, writer, workdir, val_source):
+    """Periodic evaluation on the val split (all processes; process 0 writes the files)."""
     if val_source is None:
         return None
-    from rankseg_jax import evaluate
+    from rankseg_jax import eval_mode
 
-    settings, kwargs = evaluate.settings_from_config(config)
-    forward = lambda params, images: model.apply(
-        {"params": params}, images, method=model.encode_decode
-    )
-    inferencer = evaluate.Inferencer(
-        forward, state.params, config.model.n_cls, settings,
-        ignore_index=config.data.ignore_index,
+    return eval_mode.run_evaluation(
+        evaluator, config, val_source, params=state.params, step=step, writer=writer,
+        workdir=workdir, progress=False,
     )  # fmt: skip
-    examples = (
-        (ex["image"], ex["label"]) for ex in (val_source[i] for i in range(len(val_source)))
-    )
-    results = evaluate.evaluate(
-        inferencer, examples, class_names=val_source.class_names, progress=False,
-        total=len(val_source), **kwargs,
-    )  # fmt: skip
-    summary = {f"eval/{k}": v for k, v in results["summary"].items()}
-    writer.write_scalars(step, summary)
-    return results
 
 
 def _should(every: int, step: int, last: int) -> bool:
@@ -345,21 +306,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from clu import periodic_actions
 
     from configs import common
-    from rankseg_jax import checkpoint, provenance
+    from rankseg_jax import checkpoint, eval_mode, provenance
     from rankseg_jax.data.pipeline import PipelineConfig, TrainIterator
+    from rankseg_jax.data.sources import source_from_config
     from rankseg_jax.models.segmenter import create_model
+    from rankseg_jax.segmentor import Segmentor
 
     common.validate(config)
     workdir = pathlib.Path(workdir)
     provenance.check_resume(config, workdir)
-    source = _source(config, config.data.train_split)
-    source.check_layout()
+    source = source_from_config(config, "train")
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
     model, tx = create_model(config.model), optim.make_optimizer(config)
     manager = checkpoint.make_manager(workdir, config)
     state, data_state, origin = initial_state(config, workdir, model, tx, mesh, manager)
     provenance.record(config, workdir, origin)
-    writer = make_writer(workdir)
+    writer = eval_mode.create_writer(workdir)
     start = int(jax.device_get(state.step))
     writer.write_texts(start, {"weights": origin})
     if start == 0:
@@ -373,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if data_state is not None:
         pipeline.set_state(data_state)
     val_source = _val_source(config)
+    evaluator = Segmentor(config, model, state.params).inferencer  # compiled once, reused
     schedule = optim.make_schedule(config)
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     results, acc, timer = None, MetricAccumulator(), LoopTimer()
@@ -391,7 +354,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 _log_step(writer, step, acc, timer, config, schedule, pipeline)
             evaluated = None
             if _should(config.eval.every_steps, step, config.total_steps):
-                evaluated = _maybe_evaluate(config, model, state, step, writer, val_source)
+                evaluated = _maybe_evaluate(
+                    config, evaluator, state, step, writer, workdir, val_source
+                )
                 results = evaluated or results
             stop = sigterm.stop_requested(manager, step)
             if stop or _should(config.checkpoint.every_steps, step, config.total_steps):
@@ -411,9 +376,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _val_source(config):
+    """The val split, or None (with a warning) when the dataset has none: training goes on."""
+    from absl import logging
+
+    from rankseg_jax.data.base import DatasetError
+    from rankseg_jax.data.sources import source_from_config
+
     try:
-        return _source(config, config.data.val_split)
-    except FileNotFoundError:
+        return source_from_config(config, "val")
+    except DatasetError as exc:
+        logging.warning("no evaluation during training: %s", exc)
         return None
 
 

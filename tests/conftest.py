@@ -43,3 +43,30 @@ def official_small(official, torch):
         "rankseg": load_small(official / "rankseg_small.pth", "rankseg"),
         "mask": load_small(official / "baseline_small.pth", "mask"),
     }
+
+
+@pytest.fixture(scope="session")
+def synthetic_ade(tmp_path_factory):
+    """A small generated ADE20K-format dataset (24 train / 6 val images, 64–128 px sides)."""
+    from rankseg_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic_ade")
+    return synthetic.generate_ade20k(root, 24, 6, seed=0, val_seed=1, min_side=64, max_side=128)
+
+
+def tiny_train_config(data_root: str, steps: int = 12):
+    """The demo's smoke config shrunk further for tests (a 1-layer ViT at 32 px)."""
+    from configs import demo
+
+    config = demo.get_config("runlocal")
+    with config.unlocked():
+        config.total_steps = steps
+        config.batch_size = 2
+        config.model.update(width=32, depth=1, num_heads=1, mlp_dim=64, dec_heads=1, k=8)
+        config.model.update(img_size=(32, 32), dec_layers=2)
+        config.data.update(root=data_root, crop_size=(32, 32), img_scale=(128, 32))
+        config.data.update(test_scale=(128, 32), num_workers=0, generate_if_missing=False)
+        config.eval.update(crop=(32, 32), stride=(32, 32), max_images=2, every_steps=0)
+        config.checkpoint.update(every_steps=0, async_save=False)
+        config.logging.every_steps = 0
+    return config

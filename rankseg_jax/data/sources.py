@@ -33,3 +33,33 @@ def make_source(
     if dataset not in READERS:
         raise DatasetError(f"unknown data.dataset {dataset!r}; known: {', '.join(READERS)}")
     return READERS[dataset](root, split, **opts)
+
+
+def source_from_config(config: Any, split: str = "val", **opts: Any) -> SegmentationSource:
+    """The reader of a config's `data` for `split` ("train", "val" or a split name).
+
+    With `data.generate_if_missing` (the demo configs) the generated ADE20K-format dataset is
+    written first when it is missing or was generated with other `data.synthetic_*` settings,
+    so evaluation and training on the demo need no download. The layout (pairing) is checked.
+    Raises DatasetNotFoundError with the path and the config key for a missing dataset.
+    """
+    data = config.data
+    name = {"train": data.train_split, "val": data.val_split}.get(split, split)
+    if data.generate_if_missing:
+        if data.dataset != "synthetic_ade20k":
+            raise DatasetError(
+                f"data.generate_if_missing works only with data.dataset='synthetic_ade20k' "
+                f"(got {data.dataset!r}): real datasets must be downloaded (see data/README.md)"
+            )
+        from rankseg_jax.data import synthetic
+
+        synthetic.ensure_ade20k(
+            data.root,
+            int(data.synthetic_train),
+            int(data.synthetic_val),
+            int(data.synthetic_seed),
+            val_seed=int(data.synthetic_val_seed),
+        )
+    source = make_source(data.dataset, data.root, name, **opts)
+    source.check_layout()
+    return source
