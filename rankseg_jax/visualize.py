@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -114,9 +114,14 @@ def class_shares(labels: np.ndarray) -> list[tuple[int, int, float]]:
     return [(int(ids[i]), int(counts[i]), float(counts[i] / total)) for i in order]
 
 
+def percent(share: float) -> str:
+    """A pixel share as text: "12.3%", and "<0.1%" rather than a misleading "0.0%"."""
+    return "<0.1%" if 0 < share < 0.0005 else f"{100 * share:.1f}%"
+
+
 def _legend_font(h: int, w: int, rows: int) -> tuple[float, int, int]:
     """Font scale, row height and thickness for a legend that fits about `rows` rows."""
-    row_h = int(np.clip(min(h, w) / 10, 14, 28))
+    row_h = int(np.clip(min(h, w) / 13, 14, 26))
     row_h = max(14, min(row_h, (h - 6) // max(rows, 1)))
     (_, text_h), _ = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
     return 0.62 * row_h / text_h, row_h, 1
@@ -181,7 +186,7 @@ def overlay_with_legend(
     for cls, _, share in class_shares(labels):
         name = class_names[cls] if 0 <= cls < len(class_names) else f"id {cls}"
         color = palette[cls] if 0 <= cls < len(palette) else UNKNOWN_COLOR
-        entries.append((f"{name} {100 * share:.1f}%", color))
+        entries.append((f"{name} {percent(share)}", color))
     return draw_legend(mixed, entries)
 
 
@@ -205,8 +210,8 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def save_figure(fig: Any, path: str | os.PathLike, dpi: int = FIGURE_DPI) -> None:
-    """Render a matplotlib Figure to a PNG file with Agg (no pyplot involved)."""
+def save_figure(fig: Any, path: str | os.PathLike | IO[bytes], dpi: int = FIGURE_DPI) -> None:
+    """Render a matplotlib Figure to a PNG file (or binary file object) with Agg, no pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -297,7 +302,7 @@ def ranking_figure(
         ax.barh(y, scores[cls], color=color, edgecolor="black" if present else "grey",
                 hatch=None if present else "///", linewidth=0.6)  # fmt: skip
         if present:
-            ax.text(scores[cls], y, f" {100 * shares[int(cls)]:.1f}%", va="center", fontsize=7)
+            ax.text(scores[cls], y, f" {percent(shares[int(cls)])}", va="center", fontsize=7)
         if int(cls) in gt_classes:
             ax.plot([0], [y], marker=">", color="black", markersize=5, clip_on=False)
     ax.set_yticks(ypos, [n if len(n) <= 22 else n[:21] + "~" for n in names], fontsize=8)
@@ -316,7 +321,8 @@ def ranking_figure(
     if gt is not None:
         handles.append(Line2D([], [], marker=">", color="black", linestyle="", markersize=5,
                               label="in ground truth"))  # fmt: skip
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=len(handles), frameon=False, handlelength=1.2)  # fmt: skip
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

@@ -2,9 +2,8 @@
 
 The parameter cell is replaced (RUN_INSTALL=False, the runlocal ADE20K config, an exported
 .safetensors checkpoint of biased random weights, a missing DATA_ROOT so the generated dataset
-is used). The notebook's
-mIoU must equal the mIoU of its own predicted label PNGs against the generated labels, which
-ties the evaluation path and the predict path together.
+is used). The notebook's mIoU must equal the mIoU of its own predicted label PNGs against the
+generated labels, which ties the evaluation path and the predict path together.
 """
 
 from __future__ import annotations
