@@ -359,6 +359,16 @@ def _write_image_outputs(
     return files, overlay
 
 
+def _warn(message: str, progress: bool) -> None:
+    """A line on stderr that does not break the progress bar."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+
+
 def _thumbnail(picture: np.ndarray, side: int = 256) -> np.ndarray:
     import cv2
 
@@ -403,7 +413,7 @@ def predict_files(
             image = imageio.read_image(path)
         except DatasetError as err:
             report.failed[str(path)] = str(err)
-            print(f"skipped unreadable image {path}: {err}", file=sys.stderr)
+            _warn(f"skipped: {err}", progress)
             continue
         pred = predictor(image)
         files, overlay = _write_image_outputs(
