@@ -223,3 +223,18 @@ def test_label_png_format(tmp_path):
     assert wide.dtype == np.uint16
     visualize.write_png(tmp_path / "wide.png", wide)
     np.testing.assert_array_equal(decode_png(tmp_path / "wide.png"), [[0, 846]])
+
+
+def test_mask_head_scores_are_mean_probabilities():
+    """Without an image-level classifier the ranking is the mean pixel probability (sums to 1)."""
+    config = load_config("configs/demo.py:head=mask")
+    with config.unlocked():
+        config.model.update(width=64, depth=2, num_heads=2, mlp_dim=128, dec_heads=2)
+    predictor = predict.Predictor(Segmentor.from_config(config))
+    image, _ = synthetic.make_example(3, 1, 0, 96, 128)
+    pred = predictor(image)
+    assert pred.labels.shape == image.shape[:2] and pred.selected is None
+    assert pred.scores.shape == (150,) and pred.scores.sum() == pytest.approx(1.0, abs=1e-4)
+    assert "probability" in pred.score_kind
+    record = predict.prediction_record(predictor, pred, "x.jpg", image.shape[:2])
+    assert len(record["topk"]) == predict.JSON_TOPK_NO_RANKSEG and "selected" not in record
