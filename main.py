@@ -14,17 +14,19 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
 flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"], "Overrides config.mode.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize().")
 flags.mark_flags_as_required(["config", "workdir"])
 
 NOT_YET = {
-    "train": "training (issue: training) is not implemented yet",
     "eval": "evaluation (issue: evaluation) is not implemented yet",
-    "export": "export (issue: checkpoint interop) is not implemented yet",
 }
 
 
 def main(argv: list[str]) -> int:
     del argv
+    from rankseg_jax import distributed
+
+    logging.info(distributed.maybe_initialize(FLAGS.distributed))  # before any other JAX call
     from configs import common
     from rankseg_jax import commands
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import ml_collections
+
+from rankseg_jax.convert import export
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -12,5 +16,23 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> int:
     return predict_lib.run(config, workdir)
 
 
+def train(config: ml_collections.ConfigDict, workdir: str) -> int:
+    """Train (resuming from the workdir); dataset and checkpoint problems are one line."""
+    from rankseg_jax import train as train_lib
+
+    results = train_lib.train_and_evaluate(config, workdir)
+    if results:
+        print(f"final mIoU {100 * results['mIoU']:.2f} (aAcc {100 * results['aAcc']:.2f})")
+    return 0
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> int:
-    return {"predict": predict}[mode](config, workdir)
+    """Run one mode; user errors (data, weights, config) print one line and exit 2."""
+    from rankseg_jax.errors import USER_ERRORS
+
+    commands = {"train": train, "predict": predict, "export": export.export}
+    try:
+        return commands[mode](config, workdir)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -44,6 +44,7 @@ import numpy as np
 from rankseg_jax import evaluate, visualize
 from rankseg_jax.checkpoint import CheckpointNotFoundError
 from rankseg_jax.data.base import DatasetError
+from rankseg_jax.errors import USER_ERRORS
 from rankseg_jax.segmentor import Segmentor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -459,7 +460,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
             paths = demo_inputs(config, output / "inputs")
             print(f"no predict.input: predicting {len(paths)} generated images ({output}/inputs)")
         predictor = Predictor(load_segmentor(config, workdir, allow_random=not spec))
-    except (PredictError, DatasetError, FileNotFoundError, ValueError) as err:
+    except (PredictError, *USER_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"weights {predictor.segmentor.weights}, {predictor.segmentor.num_params:,} parameters")

@@ -56,6 +56,13 @@ def read_state_dict(path: str | pathlib.Path, grid: tuple[int, int] | None = Non
     )
 
 
+_HEAD_HINTS = {
+    "mask": "a baseline Segmenter, as every official-Segmenter-layout file: use head=mask",
+    "rankseg": "use a head=rankseg config",
+    "gt": "a GT-oracle checkpoint: use a head=gt config",
+}
+
+
 def check_model_sizes(state: dict, config: ml_collections.ConfigDict, path) -> None:
     """Head kind, n_cls and k mismatches get their own message before the key lists."""
     m = config.model
@@ -65,7 +72,15 @@ def check_model_sizes(state: dict, config: ml_collections.ConfigDict, path) -> N
         kind = "mask"
     if kind and kind != m.head:
         raise mmseg.CheckpointMismatchError(
-            f"{path}: checkpoint has a {kind!r} head, config model.head={m.head!r}"
+            f"{path}: checkpoint has a {kind!r} head, config model.head={m.head!r} "
+            f"({_HEAD_HINTS[kind]})"
+        )
+    oce = "backbone.cls_emb" in state
+    if oce != bool(m.oce) and ("decode_head.cls_emb" in state or oce):
+        has = "has" if oce else "has no"
+        raise mmseg.CheckpointMismatchError(
+            f"{path}: checkpoint {has} OCE backbone class embeddings (backbone.cls_emb), "
+            f"config model.oce={m.oce}"
         )
     cls_emb = state.get("decode_head.cls_emb", state.get("backbone.cls_emb"))
     if cls_emb is not None and cls_emb.shape[1] != m.n_cls:
@@ -83,7 +98,8 @@ def _backbone_only(expected, base_params):
     """Split the expected tree: the backbone is loaded, the rest comes from `base_params`."""
     if base_params is None:
         raise CheckpointFormatError("an AugReg .npz holds only the backbone: pass base_params")
-    return {"backbone": expected["backbone"]}
+    backbone = {k: v for k, v in expected["backbone"].items() if k != "cls_emb"}  # OCE: not in npz
+    return {"backbone": backbone}
 
 
 def load_params(path, model, config: ml_collections.ConfigDict, base_params=None):

@@ -531,6 +531,18 @@ _SEGMENTER_TO_MMSEG_TOP = (
     ("decoder.", "decode_head."),
 )
 _MMSEG_ONLY_HEAD = ("decode_head.decoder_norm2.", "decode_head.ml_fc.", "decode_head.img_cls_head.")
+# Registration order inside an official Segmenter `Block` (norm1, norm2, attn, mlp), which is
+# its state_dict order; mmseg's encoder layer registers ln1, attn, ln2, ffn instead.
+_SEGMENTER_BLOCK_ORDER = (
+    "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "attn.qkv.weight",
+    "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+    "mlp.fc2.weight", "mlp.fc2.bias",
+)  # fmt: skip
+_MMSEG_LAYER_ORDER = (
+    "ln1.weight", "ln1.bias", "attn.attn.in_proj_weight", "attn.attn.in_proj_bias",
+    "attn.attn.out_proj.weight", "attn.attn.out_proj.bias", "ln2.weight", "ln2.bias",
+    "ffn.layers.0.0.weight", "ffn.layers.0.0.bias", "ffn.layers.1.weight", "ffn.layers.1.bias",
+)  # fmt: skip
 
 
 def _rename_block(rest: str, table: tuple[tuple[str, str], ...], key: str) -> str:
@@ -565,7 +577,7 @@ def segmenter_to_mmseg(sd: Mapping[str, np.ndarray]) -> collections.OrderedDict[
         new = _segmenter_key_to_mmseg(key)
         if new is not None:
             out[new] = value
-    return out
+    return _block_order(out, "backbone.layers.", _MMSEG_LAYER_ORDER)
 
 
 def _mmseg_key_to_segmenter(key: str) -> str:
@@ -584,6 +596,27 @@ def _mmseg_key_to_segmenter(key: str) -> str:
     raise CheckpointError(f"mmseg key '{key}' has no official Segmenter counterpart")
 
 
+def _block_order(
+    sd: collections.OrderedDict[str, np.ndarray], prefix: str, order: tuple[str, ...]
+) -> collections.OrderedDict[str, np.ndarray]:
+    """Keys reordered inside each `<prefix><i>.` block as `order` (registration order) says.
+
+    The official Segmenter Block registers norm1, norm2, attn, mlp; mmseg's encoder layer
+    ln1, attn, ln2, ffn: renaming alone would keep the other code base's order.
+    """
+    pattern = re.compile(re.escape(prefix) + r"(\d+\.)(.+)$")
+    first: dict[str, int] = {}
+    ranks = []
+    for position, key in enumerate(sd):
+        match = pattern.match(key)
+        if match and match.group(2) in order:
+            start = first.setdefault(match.group(1), position)
+            ranks.append((start, order.index(match.group(2)), key))
+        else:
+            ranks.append((position, -1, key))
+    return collections.OrderedDict((key, sd[key]) for *_, key in sorted(ranks))
+
+
 def mmseg_to_segmenter(
     sd: Mapping[str, np.ndarray], n_cls: int
 ) -> collections.OrderedDict[str, np.ndarray]:
@@ -597,6 +630,7 @@ def mmseg_to_segmenter(
     out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     for key, value in sd.items():
         out[_mmseg_key_to_segmenter(key)] = value
+    out = _block_order(out, "encoder.blocks.", _SEGMENTER_BLOCK_ORDER)
     if "encoder.cls_token" not in out:
         raise CheckpointError("state dict has no 'backbone.cls_token'; not a Segmenter model")
     dim = out["encoder.cls_token"].shape[-1]

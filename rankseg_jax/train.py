@@ -1,0 +1,428 @@
+"""Training: the step (a pure function of state and a global batch) and the loop around it.
+
+`train_and_evaluate(config, workdir)` is what `main.py --mode=train` runs: it validates the
+config and the dataset, writes provenance, restores the latest checkpoint of the workdir (or
+starts from `init_from` / `model.pretrained` / scratch), then trains with periodic logging,
+checkpoints, evaluation and a SIGTERM-safe exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rankseg_jax import losses, optim
+from rankseg_jax import sharding as shd
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `finite` stays True until a non-finite loss or gradient;
+    `first_bad_step` is then the step it happened (−1 before); such updates are not applied."""
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+    finite: jax.Array
+    first_bad_step: jax.Array
+
+    def train_items(self) -> dict:
+        """What the checkpoint's `train` item holds (params are saved separately)."""
+        return dict(
+            step=self.step,
+            opt_state=self.opt_state,
+            rng=self.rng,
+            finite=self.finite,
+            first_bad_step=self.first_bad_step,
+        )
+
+
+def new_state(params: PyTree, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.PRNGKey(seed)),
+        finite=jnp.ones((), bool),
+        first_bad_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def with_train_items(state: TrainState, params: PyTree, items: dict) -> TrainState:
+    return state.replace(params=params, **items)
+
+
+def _global_norm(tree: PyTree) -> jax.Array:
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def _all_finite(*trees: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict]:
+    """One optimisation step on a global batch: images (B, H, W, 3), labels (B, H, W).
+
+    Dropout and drop-path draw from `fold_in(rng, step)`, so a resumed run repeats them.
+    A non-finite loss or gradient leaves params and optimizer state unchanged and clears
+    `finite`; the loop reads that flag at log and save steps.
+    """
+    images, labels = batch["image"], batch["label"]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    gt = labels if config.model.head == "gt" else None
+
+    def loss_fn(params):
+        out = model.apply(
+            {"params": params}, images, train=True, gt_labels=gt, rngs={"dropout": rng}
+        )
+        total, metrics = losses.segmentation_losses(
+            out, labels, config.loss, config.model.n_cls, config.data.ignore_index
+        )
+        return total, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = _all_finite(loss, grads)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    first_bad = jnp.where(state.finite & ~ok, state.step, state.first_bad_step)
+    new = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        finite=state.finite & ok,
+        first_bad_step=first_bad,
+    )
+    metrics = dict(
+        metrics,
+        grad_norm=_global_norm(grads),
+        param_norm=_global_norm(state.params),
+        update_norm=_global_norm(updates),
+    )
+    return new, metrics
+
+
+def compile_train_step(model, tx, config, state_sharding, batch_sharding):
+    """`train_step` jitted with explicit shardings and the state donated."""
+    step = functools.partial(train_step, model=model, tx=tx, config=config)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
+
+
+@dataclasses.dataclass
+class MetricAccumulator:
+    """Sums step metrics on device; `mean()` is the only host sync (at log steps)."""
+
+    sums: dict | None = None
+    count: int = 0
+
+    def add(self, metrics: dict) -> None:
+        self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
+        self.count += 1
+
+    def mean(self) -> dict[str, float]:
+        host = jax.device_get(self.sums)
+        out = {k: float(np.mean(v)) / self.count for k, v in host.items() if np.ndim(v) == 0}
+        self.sums, self.count = None, 0
+        return out
+
+
+class SigtermFlag:
+    """Set by SIGTERM (one process: our handler; with jax.distributed, orbax's sync point)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> SigtermFlag:
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def stop_requested(self, manager, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(manager.reached_preemption(step))
+        return self.received
+
+
+def replicated(mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
+    """Sharding of every state leaf: replicated (data parallel); FSDP rules come later."""
+    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient; the message names the step."""
+
+
+def _source(config: ml_collections.ConfigDict, split: str):
+    """The dataset reader of a split, generating the synthetic data first when configured."""
+    from rankseg_jax.data import synthetic
+    from rankseg_jax.data.sources import make_source
+
+    d = config.data
+    if d.generate_if_missing and d.dataset == "synthetic_ade20k":
+        synthetic.ensure_ade20k(
+            d.root, d.synthetic_train, d.synthetic_val, d.synthetic_seed,
+            val_seed=d.synthetic_val_seed,
+        )  # fmt: skip
+    return make_source(d.dataset, d.root, split)
+
+
+def _abstract_state(model, tx, config, image_shape):
+    def make():
+        images = jnp.zeros((1, *image_shape, 3), jnp.float32)
+        labels = jnp.zeros((1, *image_shape), jnp.int32)
+        params = model.init(jax.random.PRNGKey(config.seed), images, gt_labels=labels)["params"]
+        return new_state(params, tx, config.seed)
+
+    return make, jax.eval_shape(make)
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def initial_state(config, workdir, model, tx, mesh, manager):
+    """(state, data_state, origin): the workdir's latest checkpoint wins over init_from and
+    model.pretrained; state leaves are created directly with their shardings."""
+    from rankseg_jax import checkpoint
+    from rankseg_jax.convert import loading
+
+    make, abstract = _abstract_state(model, tx, config, tuple(config.model.img_size))
+    shardings = state_shardings(abstract, mesh)
+    step = manager.latest_step()
+    if step is not None:
+        target = _with_shardings(abstract, shardings)
+        params, train, data_state = checkpoint.restore(
+            manager, step, target.params, target.train_items()
+        )
+        return with_train_items(target, params, train), data_state, f"checkpoint step {step}"
+    state = jax.jit(make, out_shardings=shardings)()
+    weights = config.init_from or config.model.pretrained
+    if not weights:
+        return state, None, f"random init (seed {config.seed})"
+    params = loading.load_params(weights, model, config, base_params=state.params)
+    params = jax.device_put(params, shardings.params)
+    state = jax.jit(functools.partial(new_state, tx=tx, seed=config.seed), out_shardings=shardings)(
+        params
+    )
+    kind = "init_from" if config.init_from else "model.pretrained (backbone)"
+    return state, None, f"{kind} {weights}"
+
+
+def make_writer(workdir):
+    """clu writer: TensorBoard + console on process 0, console only elsewhere."""
+    from rankseg_jax.tensorboard import hide_gpus_from_tensorflow
+
+    hide_gpus_from_tensorflow()
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(
+        str(workdir), just_logging=jax.process_index() > 0, asynchronous=True
+    )
+
+
+def _hparams(config: ml_collections.ConfigDict) -> dict:
+    flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
+
+
+def _peak_memory() -> dict:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {} if peak is None else {"peak_memory_gb": peak / 2**30}
+
+
+@dataclasses.dataclass
+class LoopTimer:
+    """Wall time and time spent waiting for the input pipeline since the last log step."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    data: float = 0.0
+    steps: int = 0
+
+    def report(self, batch_size: int) -> dict:
+        wall = time.perf_counter() - self.start
+        out = dict(
+            step_time_s=wall / max(self.steps, 1),
+            images_per_s=batch_size * self.steps / max(wall, 1e-9),
+            data_wait_share=self.data / max(wall, 1e-9),
+        )
+        self.start, self.data, self.steps = time.perf_counter(), 0.0, 0
+        return out
+
+
+def _check_finite(state: TrainState, step: int) -> None:
+    finite, bad = jax.device_get((state.finite, state.first_bad_step))
+    if not finite:
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {int(bad)} (seen by step {step}); "
+            "the state is not saved; lower the learning rate or check the data"
+        )
+
+
+def _log_step(writer, step, acc, timer, config, schedule, pipeline) -> None:
+    scalars = acc.mean()
+    scalars.update(timer.report(config.batch_size), learning_rate=float(schedule(step - 1)))
+    scalars.update(_peak_memory(), skipped_records=pipeline.num_skipped)
+    writer.write_scalars(step, scalars)
+
+
+def _maybe_evaluate(config, model, state, step, writer, val_source) -> dict | None:
+    if val_source is None:
+        return None
+    from rankseg_jax import evaluate
+
+    settings, kwargs = evaluate.settings_from_config(config)
+    forward = lambda params, images: model.apply(
+        {"params": params}, images, method=model.encode_decode
+    )
+    inferencer = evaluate.Inferencer(
+        forward, state.params, config.model.n_cls, settings,
+        ignore_index=config.data.ignore_index,
+    )  # fmt: skip
+    examples = (
+        (ex["image"], ex["label"]) for ex in (val_source[i] for i in range(len(val_source)))
+    )
+    results = evaluate.evaluate(
+        inferencer, examples, class_names=val_source.class_names, progress=False,
+        total=len(val_source), **kwargs,
+    )  # fmt: skip
+    summary = {f"eval/{k}": v for k, v in results["summary"].items()}
+    writer.write_scalars(step, summary)
+    return results
+
+
+def _should(every: int, step: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (resuming from the workdir), evaluate periodically; returns the last eval."""
+    import pathlib
+
+    from clu import periodic_actions
+
+    from configs import common
+    from rankseg_jax import checkpoint, provenance
+    from rankseg_jax.data.pipeline import PipelineConfig, TrainIterator
+    from rankseg_jax.models.segmenter import create_model
+
+    common.validate(config)
+    workdir = pathlib.Path(workdir)
+    provenance.check_resume(config, workdir)
+    source = _source(config, config.data.train_split)
+    source.check_layout()
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
+    model, tx = create_model(config.model), optim.make_optimizer(config)
+    manager = checkpoint.make_manager(workdir, config)
+    state, data_state, origin = initial_state(config, workdir, model, tx, mesh, manager)
+    provenance.record(config, workdir, origin)
+    writer = make_writer(workdir)
+    start = int(jax.device_get(state.step))
+    writer.write_texts(start, {"weights": origin})
+    if start == 0:
+        writer.write_hparams(_hparams(config))
+    step_fn = compile_train_step(
+        model, tx, config, state_shardings(state, mesh), shd.batch_sharding(mesh)
+    )
+    pipeline = TrainIterator(
+        source, PipelineConfig.from_config(config), sharding=shd.batch_sharding(mesh)
+    )
+    if data_state is not None:
+        pipeline.set_state(data_state)
+    val_source = _val_source(config)
+    schedule = optim.make_schedule(config)
+    progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+    results, acc, timer = None, MetricAccumulator(), LoopTimer()
+    with pipeline, SigtermFlag() as sigterm:
+        for step in range(start + 1, config.total_steps + 1):
+            t0 = time.perf_counter()
+            batch = next(pipeline)
+            timer.data += time.perf_counter() - t0
+            state, metrics = step_fn(state, batch)
+            acc.add(metrics)
+            timer.steps += 1
+            progress(step)
+            _profile(config, step, workdir)
+            if _should(config.logging.every_steps, step, config.total_steps):
+                _check_finite(state, step)
+                _log_step(writer, step, acc, timer, config, schedule, pipeline)
+            evaluated = None
+            if _should(config.eval.every_steps, step, config.total_steps):
+                evaluated = _maybe_evaluate(config, model, state, step, writer, val_source)
+                results = evaluated or results
+            stop = sigterm.stop_requested(manager, step)
+            if stop or _should(config.checkpoint.every_steps, step, config.total_steps):
+                _check_finite(state, step)
+                metrics = {"mIoU": evaluated["mIoU"]} if evaluated else None
+                checkpoint.save(
+                    manager, step, state.params, state.train_items(), pipeline.get_state(), metrics
+                )
+            if stop:
+                manager.wait_until_finished()
+                writer.write_texts(step, {"stopped": f"SIGTERM at step {step}, checkpoint saved"})
+                break
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    return results
+
+
+def _val_source(config):
+    try:
+        return _source(config, config.data.val_split)
+    except FileNotFoundError:
+        return None
+
+
+def _profile(config: ml_collections.ConfigDict, step: int, workdir) -> None:
+    """Trace the steps after `logging.profile_steps[0]` up to `[1]` into <workdir>/profile."""
+    steps = tuple(config.logging.profile_steps)
+    if len(steps) != 2:
+        return
+    if step == steps[0]:
+        jax.profiler.start_trace(str(workdir / "profile"))
+    elif step == steps[1]:
+        jax.profiler.stop_trace()
