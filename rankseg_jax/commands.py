@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
-import cv2
 import ml_collections
-import numpy as np
 
 from rankseg_jax.convert import export
-from rankseg_jax.segmentor import Segmentor
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """A uint8 RGB image from disk, with a clear error naming the file."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def demo_image(seed: int = 0, size: tuple[int, int] = (96, 128)) -> np.ndarray:
-    """A generated RGB image (smooth colour blobs) for a forward pass without any data."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
-    return cv2.resize(small, size[::-1], interpolation=cv2.INTER_CUBIC)
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> int:
-    """Predict one image (config.predict.input, or a generated one) and print its classes."""
-    checkpoint = config.init_from or None
-    segmentor = Segmentor.from_config(config, checkpoint)
-    source = config.predict.input
-    image = read_rgb(source) if source else demo_image(config.seed)
-    labels = segmentor.predict(image)
-    ids, counts = np.unique(labels, return_counts=True)
-    order = np.argsort(-counts)
-    size = f"{image.shape[1]}x{image.shape[0]}"
-    weights = checkpoint or "(random init)"
-    print(f"image {source or '(generated)'} {size}, weights {weights}, ", end="")
-    print(f"{segmentor.num_params:,} parameters")
-    for i in order:
-        print(f"  class {ids[i]:4d}: {100 * counts[i] / labels.size:5.1f}% of pixels")
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    return 0
+    """Label maps, overlays, class rankings and figures (rankseg_jax.predict; exit code there)."""
+    from rankseg_jax import predict as predict_lib
+
+    return predict_lib.run(config, workdir)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> int:

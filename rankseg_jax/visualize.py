@@ -1,0 +1,348 @@
+"""Pictures of predictions: palette colours, overlays with a legend, the class-ranking figure.
+
+Everything here is numpy + OpenCV except the figures, which use matplotlib's object-oriented
+API (`matplotlib.figure.Figure`, rendered by Agg) so that nothing touches pyplot's global state
+or the notebook backend. Palettes are the ones the community draws with (mmseg's ADE20K,
+COCO-Stuff and Pascal-Context palettes, from the dataset readers).
+
+Shapes: images (H, W, 3) uint8 RGB; label maps (H, W) integer class ids; palettes (C, 3) uint8;
+scores (C,) float.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import IO, Any
+
+import cv2
+import numpy as np
+
+# Pixels with an id outside the palette (ignore values) are drawn in this colour.
+UNKNOWN_COLOR = (0, 0, 0)
+FIGURE_DPI = 100
+LEGEND_MAX = 8  # classes named under a figure's picture
+
+
+class VisualizeError(ValueError):
+    """An input the pictures cannot use (shape or dtype mismatch); the message says which."""
+
+
+# ------------------------------------------------------------------------------------------
+# Class names and palettes.
+
+
+def generic_palette(n_cls: int, seed: int = 0) -> np.ndarray:
+    """A deterministic (n_cls, 3) uint8 palette of well-separated colours (golden-angle hues)."""
+    hues = (np.arange(n_cls) * 137.508 + seed) % 360
+    sat = 0.55 + 0.4 * ((np.arange(n_cls) * 7) % 5) / 4
+    val = 0.65 + 0.35 * ((np.arange(n_cls) * 3) % 4) / 3
+    hsv = np.stack([hues / 2, sat * 255, val * 255], axis=-1).astype(np.uint8)[None]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+
+
+def dataset_labels(dataset: str, n_cls: int) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, palette (n_cls, 3) uint8) of a config's `data.dataset` for n_cls classes.
+
+    The reader's names and palette when it has exactly n_cls classes; otherwise (a custom
+    class count) "class <i>" names and a generated palette, so any model can be drawn.
+    """
+    from rankseg_jax.data.sources import READERS
+
+    reader = READERS.get(dataset)
+    if reader is not None and len(reader.class_names) == n_cls and len(reader.palette) == n_cls:
+        return tuple(reader.class_names), np.asarray(reader.palette, np.uint8)
+    return tuple(f"class {i}" for i in range(n_cls)), generic_palette(n_cls)
+
+
+# ------------------------------------------------------------------------------------------
+# Label maps as pictures.
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise VisualizeError(f"label map must be an integer (H, W) array, got {labels.dtype} "
+                             f"{labels.shape}")  # fmt: skip
+    return labels
+
+
+def _check_image(image: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise VisualizeError(f"image must be uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
+    if labels is not None and labels.shape != image.shape[:2]:
+        raise VisualizeError(f"label map {labels.shape} and image {image.shape[:2]} differ in size")
+    return image
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) class ids → (H, W, 3) uint8 palette colours; ids outside the palette are black."""
+    labels = _check_labels(labels)
+    palette = np.asarray(palette, np.uint8)
+    table = np.concatenate([palette, np.array([UNKNOWN_COLOR], np.uint8)])
+    index = np.where((labels >= 0) & (labels < len(palette)), labels, len(palette))
+    return table[index]
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose right or lower neighbour has another class."""
+    labels = _check_labels(labels)
+    edge = np.zeros(labels.shape, bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return edge
+
+
+def blend(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5):
+    """The image with the palette colours of `labels` on top (alpha), class borders in white."""
+    labels = _check_labels(labels)
+    image = _check_image(image, labels)
+    color = colorize(labels, palette).astype(np.float32)
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * color
+    out = np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+    out[boundaries(labels)] = 255
+    return out
+
+
+def class_shares(labels: np.ndarray) -> list[tuple[int, int, float]]:
+    """(class id, pixels, share of the image) for every class in the map, largest first."""
+    labels = _check_labels(labels)
+    ids, counts = np.unique(labels, return_counts=True)
+    order = np.lexsort((ids, -counts))
+    total = labels.size
+    return [(int(ids[i]), int(counts[i]), float(counts[i] / total)) for i in order]
+
+
+def percent(share: float) -> str:
+    """A pixel share as text: "12.3%", and "<0.1%" rather than a misleading "0.0%"."""
+    return "<0.1%" if 0 < share < 0.0005 else f"{100 * share:.1f}%"
+
+
+def _legend_font(h: int, w: int, rows: int) -> tuple[float, int, int]:
+    """Font scale, row height and thickness for a legend that fits about `rows` rows."""
+    row_h = int(np.clip(min(h, w) / 13, 14, 26))
+    row_h = max(14, min(row_h, (h - 6) // max(rows, 1)))
+    (_, text_h), _ = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+    return 0.62 * row_h / text_h, row_h, 1
+
+
+def _truncate(text: str, max_width: int, scale: float) -> str:
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    while len(text) > 3 and cv2.getTextSize(text, font, scale, 1)[0][0] > max_width:
+        text = text[:-2] + "~"
+    return text
+
+
+def draw_legend(image: np.ndarray, entries: Sequence[tuple[str, Sequence[int]]]) -> np.ndarray:
+    """The image with a legend box (colour swatch + text per entry) in its top-left corner.
+
+    The output has the image's size: the box covers part of the image (dark, translucent) and
+    lists as many entries as fit; the rest are summarised as "+N more".
+    """
+    image = _check_image(image).copy()
+    h, w = image.shape[:2]
+    if not entries:
+        return image
+    scale, row_h, thick = _legend_font(h, w, len(entries))
+    max_rows = max(1, (h - 4) // row_h)
+    shown = list(entries)
+    if len(shown) > max_rows:
+        hidden = len(shown) - (max_rows - 1)
+        shown = shown[: max_rows - 1] + [(f"+{hidden} more", None)]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    pad, swatch = 3, row_h - 4
+    max_text = max(8, int(0.8 * w) - swatch - 3 * pad)
+    texts = [_truncate(text, max_text, scale) for text, _ in shown]
+    text_w = max(cv2.getTextSize(t, font, scale, thick)[0][0] for t in texts)
+    box_w = min(w, text_w + swatch + 3 * pad)
+    box_h = min(h, len(shown) * row_h + 2 * pad)
+    region = image[:box_h, :box_w].astype(np.float32)
+    image[:box_h, :box_w] = (0.35 * region).astype(np.uint8)
+    for row, (text, (_, color)) in enumerate(zip(texts, shown, strict=True)):
+        top = pad + row * row_h
+        x_text = pad
+        if color is not None:
+            c = tuple(int(v) for v in color)
+            cv2.rectangle(image, (pad, top + 2), (pad + swatch, top + 2 + swatch), c, -1)
+            cv2.rectangle(image, (pad, top + 2), (pad + swatch, top + 2 + swatch), (255,) * 3, 1)
+            x_text = 2 * pad + swatch
+        baseline = top + row_h - max(3, row_h // 4)
+        cv2.putText(image, text, (x_text, baseline), font, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)  # fmt: skip
+    return image
+
+
+def overlay_with_legend(
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    palette: np.ndarray,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """(H, W, 3) uint8: the blended prediction plus a legend of the classes present (share %)."""
+    mixed = blend(image, labels, palette, alpha)
+    entries = []
+    for cls, _, share in class_shares(labels):
+        name = class_names[cls] if 0 <= cls < len(class_names) else f"id {cls}"
+        color = palette[cls] if 0 <= cls < len(palette) else UNKNOWN_COLOR
+        entries.append((f"{name} {percent(share)}", color))
+    return draw_legend(mixed, entries)
+
+
+# ------------------------------------------------------------------------------------------
+# Files.
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write an RGB (H, W, 3) uint8 or a single-channel uint8/uint16 (H, W) array as PNG."""
+    array = np.asarray(array)
+    if array.ndim == 3:
+        array = np.ascontiguousarray(array[..., ::-1])
+    if array.dtype not in (np.uint8, np.uint16):
+        raise VisualizeError(f"{path}: PNG arrays must be uint8 or uint16, got {array.dtype}")
+    ok, data = cv2.imencode(".png", array)
+    if not ok:
+        raise VisualizeError(f"{path}: PNG encoding failed")
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data.tobytes())
+    os.replace(tmp, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike | IO[bytes], dpi: int = FIGURE_DPI) -> None:
+    """Render a matplotlib Figure to a PNG file (or binary file object) with Agg, no pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi, format="png")
+
+
+# ------------------------------------------------------------------------------------------
+# Figures.
+
+
+def _rgb01(color: Sequence[int]) -> tuple[float, float, float]:
+    return tuple(float(c) / 255.0 for c in color)
+
+
+def _show(ax, picture: np.ndarray, title: str) -> None:
+    ax.imshow(picture, interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    ax.set_axis_off()
+
+
+def _class_legend(ax, classes: Sequence[int], class_names, palette) -> None:
+    """Colour patches naming `classes`, below the picture in `ax`."""
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(facecolor=_rgb01(palette[c]), edgecolor="black", linewidth=0.5,
+              label=class_names[c] if c < len(class_names) else f"id {c}")
+        for c in classes
+    ]  # fmt: skip
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
+              fontsize=7, frameon=False, handlelength=1.0, columnspacing=0.8)  # fmt: skip
+
+
+def ranking_figure(
+    image: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    class_names: Sequence[str],
+    palette: np.ndarray,
+    *,
+    topk: int = 10,
+    score_label: str = "image-level score",
+    title: str = "",
+    gt: np.ndarray | None = None,
+    ignore_index: int = 255,
+):
+    """A Figure: image | prediction (| ground truth) | bar chart of the top-k class scores.
+
+    Bars are the `topk` highest `scores` (C,), best on top. A class the prediction contains is
+    drawn in its palette colour with its pixel share written next to it; a top-k class absent
+    from the prediction is grey and hatched, so the chart shows how the image-level ranking
+    and the pixels agree. With `gt` (H, W) (ignore_index allowed), classes in the ground
+    truth get a triangle marker.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    labels = _check_labels(labels)
+    image = _check_image(image, labels)
+    scores = np.asarray(scores, np.float64)
+    shares = {cls: share for cls, _, share in class_shares(labels)}
+    order = np.argsort(-scores, kind="stable")[: max(1, topk)]
+    panels = 3 if gt is None else 4
+    h, w = image.shape[:2]
+    pic_w = 3.2 * min(max(w / h, 0.6), 2.0)
+    fig = Figure(figsize=(pic_w * (panels - 1) + 4.6, 4.2), layout="constrained")
+    widths = [pic_w] * (panels - 1) + [4.6]
+    axes = fig.subplots(1, panels, gridspec_kw={"width_ratios": widths})
+    _show(axes[0], image, "image")
+    _show(axes[1], blend(image, labels, palette), f"prediction ({len(shares)} classes)")
+    _class_legend(axes[1], list(shares)[:LEGEND_MAX], class_names, palette)
+    gt_classes: set[int] = set()
+    if gt is not None:
+        gt = _check_labels(gt)
+        shown = np.where(gt == ignore_index, -1, gt)
+        _show(axes[2], blend(image, shown, palette), "ground truth")
+        gt_shares = class_shares(np.where(gt == ignore_index, -1, gt))
+        gt_classes = {cls for cls, _, _ in gt_shares if cls >= 0}
+        _class_legend(axes[2], [c for c, _, _ in gt_shares if c >= 0][:LEGEND_MAX],
+                      class_names, palette)  # fmt: skip
+    ax = axes[-1]
+    ypos = np.arange(len(order))[::-1]
+    names = [class_names[c] if c < len(class_names) else f"id {c}" for c in order]
+    for y, cls in zip(ypos, order, strict=True):
+        present = int(cls) in shares
+        color = _rgb01(palette[cls]) if present else (0.82, 0.82, 0.82)
+        ax.barh(y, scores[cls], color=color, edgecolor="black" if present else "grey",
+                hatch=None if present else "///", linewidth=0.6)  # fmt: skip
+        if present:
+            ax.text(scores[cls], y, f" {percent(shares[int(cls)])}", va="center", fontsize=7)
+        if int(cls) in gt_classes:
+            ax.plot([0], [y], marker=">", color="black", markersize=5, clip_on=False)
+    ax.set_yticks(ypos, [n if len(n) <= 22 else n[:21] + "~" for n in names], fontsize=8)
+    for tick, cls in zip(ax.get_yticklabels(), order, strict=True):
+        if int(cls) in shares:
+            tick.set_fontweight("bold")
+    top = float(scores[order].max()) if len(order) else 1.0
+    ax.set_xlim(0.0, max(1.0, top * 1.25) if top > 0.5 else max(top * 1.35, 1e-3))
+    ax.set_xlabel(score_label, fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(f"top-{len(order)} classes", fontsize=10)
+    handles = [
+        Patch(facecolor=(0.5, 0.6, 0.9), edgecolor="black", label="in prediction (share %)"),
+        Patch(facecolor=(0.82, 0.82, 0.82), edgecolor="grey", hatch="///", label="not predicted"),
+    ]
+    if gt is not None:
+        handles.append(Line2D([], [], marker=">", color="black", linestyle="", markersize=5,
+                              label="in ground truth"))  # fmt: skip
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=len(handles), frameon=False, handlelength=1.2)  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def contact_sheet(
+    items: Sequence[tuple[str, np.ndarray]], columns: int = 4, cell_inches: float = 2.6
+):
+    """A Figure with a grid of pictures (e.g. overlays), each titled with its name."""
+    from matplotlib.figure import Figure
+
+    if not items:
+        raise VisualizeError("a contact sheet needs at least one picture")
+    columns = max(1, min(columns, len(items)))
+    rows = -(-len(items) // columns)
+    fig = Figure(figsize=(cell_inches * columns, cell_inches * rows + 0.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, (name, picture) in zip(axes, items, strict=False):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name if len(name) <= 28 else name[:27] + "~", fontsize=8)
+    return fig
