@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import REPO, tiny_train_config
@@ -19,6 +20,13 @@ from rankseg_jax import checkpoint, evaluate, provenance
 from rankseg_jax import train as train_lib
 from rankseg_jax.convert.loading import expected_params
 from rankseg_jax.models.segmenter import create_model
+
+
+def saved_config(workdir):
+    """The resolved config a run wrote into its workdir."""
+    return ml_collections.ConfigDict(
+        json.loads((pathlib.Path(workdir) / "config.json").read_text())
+    )
 
 
 def final_params(config, workdir):
@@ -79,6 +87,9 @@ def test_resume_refuses_another_model(synthetic_ade, tmp_path):
     assert saved[0]["weights"].startswith("random init") and saved[0]["git"]
 
 
+STEPS = 100  # long enough that the kill lands mid-run (checkpoints every 3 steps)
+
+
 def run_main(workdir, data_root, steps, *extra, wait=True):
     args = [
         sys.executable, str(REPO / "main.py"), "--config=configs/demo.py:runlocal",
@@ -97,8 +108,9 @@ def run_main(workdir, data_root, steps, *extra, wait=True):
     ]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: SIGKILL reaches the data workers too
+    )  # fmt: skip
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
@@ -108,10 +120,12 @@ def run_main(workdir, data_root, steps, *extra, wait=True):
 
 def kill_after_checkpoint(proc, workdir, step, sig):
     deadline = time.time() + 300
-    while checkpoint.latest_step(workdir) is None or checkpoint.latest_step(workdir) < step:
+    done = pathlib.Path(workdir) / "checkpoints" / str(step)  # orbax renames it when complete
+    while not done.exists():
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         assert time.time() < deadline, "no checkpoint in time"
-        time.sleep(0.2)
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
     if sig == signal.SIGKILL:  # a machine failure: the run and its data workers die at once
         os.killpg(proc.pid, signal.SIGKILL)
     else:  # a scheduler's polite stop, sent to the training process
@@ -123,7 +137,7 @@ def kill_after_checkpoint(proc, workdir, step, sig):
 @pytest.fixture(scope="module")
 def straight_run(synthetic_ade, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    run_main(workdir, synthetic_ade, 12)
+    run_main(workdir, synthetic_ade, STEPS)
     return workdir
 
 
@@ -131,14 +145,14 @@ def straight_run(synthetic_ade, tmp_path_factory):
 def test_killed_run_resumes_exactly(synthetic_ade, straight_run, tmp_path, sig):
     """12 steps straight == killed after a checkpoint and restarted (dropout, drop-path,
     1 data worker with prefetch): identical final params on CPU."""
-    proc = run_main(tmp_path, synthetic_ade, 12, wait=False)
+    proc = run_main(tmp_path, synthetic_ade, STEPS, wait=False)
     code = kill_after_checkpoint(proc, tmp_path, 3, sig)
     if sig == signal.SIGTERM:
         assert code == 0  # saved and exited cleanly
-    assert checkpoint.latest_step(tmp_path) < 12
-    out = run_main(tmp_path, synthetic_ade, 12)
+    assert checkpoint.latest_step(tmp_path) < STEPS
+    out = run_main(tmp_path, synthetic_ade, STEPS)
     assert "final mIoU" in out
-    config = tiny_train_config(synthetic_ade)
+    config = saved_config(straight_run)
     a, b = final_params(config, straight_run), final_params(config, tmp_path)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
@@ -171,14 +185,15 @@ def test_distributed_detection():
 
 def test_workdir_checkpoint_wins_over_init_from(synthetic_ade, straight_run, tmp_path):
     """A restart with init_from set still resumes from the workdir's checkpoint."""
-    config = tiny_train_config(synthetic_ade, steps=12)
+    config = saved_config(straight_run)
     with config.unlocked():
         config.init_from = str(pathlib.Path(straight_run))
+        config.data.num_workers = 0
     train_lib.train_and_evaluate(config, str(tmp_path))  # starts from init_from (orbax dir)
     starts = json.loads((tmp_path / "provenance.json").read_text())
     assert starts[-1]["weights"].startswith("init_from")
     with config.unlocked():
-        config.total_steps = 13
+        config.total_steps = STEPS + 1
     train_lib.train_and_evaluate(config, str(tmp_path))
     starts = json.loads((tmp_path / "provenance.json").read_text())
-    assert starts[-1]["weights"] == "checkpoint step 12"
+    assert starts[-1]["weights"] == f"checkpoint step {STEPS}"
