@@ -181,6 +181,9 @@ def schema() -> dict[str, Any]:
             every_steps=16_000,
             window_batch=8,
             max_images=0,
+            # Output tiles (rows, cols) of the on-device resize back to each image's size: they
+            # bound memory (tile × n_cls floats); smaller tiles suit small images.
+            tile=(256, 1024),
         ),
         predict=dict(input="", output="", figures=True, submission_format=False),
         export=dict(output="", formats=("pth", "safetensors"), segmenter_layout=False),

@@ -627,6 +627,7 @@ def settings_from_config(config: Any) -> tuple[InferenceConfig, dict[str, Any]]:
         crop=tuple(config.eval.crop),
         stride=tuple(config.eval.stride),
         window_batch=int(config.eval.window_batch),
+        tile=tuple(config.eval.tile),
         rankseg_fill=-100.0 if head in ("rankseg", "gt") else None,
     )
     kwargs = dict(
