@@ -132,3 +132,21 @@ def test_notebook_miou_matches_its_predictions(executed):
     assert 0.0 < expected["mIoU"] < 0.9 and 0.01 < expected["aAcc"] < 0.9, expected["summary"]
     assert results["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-12)
     assert results["aAcc"] == pytest.approx(expected["aAcc"], abs=1e-12)
+
+
+def test_notebook_miou_equals_eval_mode(executed, tmp_path):
+    """`main.py --mode=eval` on the same config, checkpoint and images writes the same mIoU."""
+    from rankseg_jax import commands
+
+    nb, out = executed
+    notebook = json.loads((out / "eval_results.json").read_text())
+    config = load_config(CONFIG)
+    with config.unlocked():
+        config.init_from = notebook["weights"]
+        config.data.root = str(out / "synthetic_ade" / "ADEChallengeData2016")
+        config.eval.max_images = IMAGES
+    assert commands.run("eval", config, str(tmp_path)) == 0
+    (written,) = (tmp_path / "eval").glob("results_step*.json")
+    results = json.loads(written.read_text())
+    assert results["mIoU"] == pytest.approx(notebook["mIoU"], abs=1e-12)
+    assert results["aAcc"] == pytest.approx(notebook["aAcc"], abs=1e-12)
