@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import signal
 import time
 from typing import Any
@@ -276,11 +277,15 @@ def _check_finite(state: TrainState, step: int) -> None:
         )
 
 
-def _log_step(writer, step, acc, timer, config, schedule, pipeline) -> None:
+def _log_step(writer, step, acc, timer, config, schedule, pipeline, workdir) -> None:
+    """Scalars to TensorBoard/console and one JSON line per log step to metrics.jsonl."""
     scalars = acc.mean()
     scalars.update(timer.report(config.batch_size), learning_rate=float(schedule(step - 1)))
     scalars.update(_peak_memory(), skipped_records=pipeline.num_skipped)
     writer.write_scalars(step, scalars)
+    if jax.process_index() == 0:
+        with open(workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(dict(step=step, **scalars)) + "\n")
 
 
 def _maybe_evaluate(config, evaluator, state, step, writer, workdir, val_source):
@@ -351,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             _profile(config, step, workdir)
             if _should(config.logging.every_steps, step, config.total_steps):
                 _check_finite(state, step)
-                _log_step(writer, step, acc, timer, config, schedule, pipeline)
+                _log_step(writer, step, acc, timer, config, schedule, pipeline, workdir)
             evaluated = None
             if _should(config.eval.every_steps, step, config.total_steps):
                 evaluated = _maybe_evaluate(
