@@ -19,7 +19,6 @@ grain worker process.
 
 from __future__ import annotations
 
-import glob
 import os
 from typing import Any
 
@@ -35,6 +34,7 @@ from rankseg_jax.data.base import (
 )
 
 BUILDER_PREFIX = "rankseg_"
+BUILDER_VERSION = "1.0.0"  # the version the builders write and this reader reads
 PREPARE_COMMAND = (
     "python data/prepare_tfds.py --dataset={dataset} --root=<dataset root> --data_dir={data_dir}"
 )
@@ -78,22 +78,22 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
 
 
 def prepared_dir(dataset: str, data_dir: str | os.PathLike | None) -> str:
-    """The folder holding the prepared dataset (data_dir/rankseg_<dataset>/<version>).
+    """The folder holding the prepared dataset (data_dir/rankseg_<dataset>/BUILDER_VERSION).
 
     Raises DatasetNotFoundError, naming where it looked and the command that prepares it,
     when no prepared version is there.
     """
     root = resolve_data_dir(data_dir)
     name = builder_name(dataset)
-    infos = sorted(glob.glob(os.path.join(root, name, "*", "dataset_info.json")))
-    if not infos:
+    version_dir = os.path.join(root, name, BUILDER_VERSION)
+    if not os.path.isfile(os.path.join(version_dir, "dataset_info.json")):
         command = PREPARE_COMMAND.format(dataset=dataset, data_dir=root)
         raise DatasetNotFoundError(
-            f"prepared {dataset} dataset not found: no {name}/<version>/dataset_info.json in "
-            f"{root} (config key data.tfds_data_dir); prepare it with `{command}` "
-            "(see data/README.md, Prepared formats)"
+            f"prepared {dataset} dataset not found: no {name}/{BUILDER_VERSION}/"
+            f"dataset_info.json in {root} (config key data.tfds_data_dir); prepare it with "
+            f"`{command}` (see data/README.md, Prepared formats)"
         )
-    return os.path.dirname(infos[-1])
+    return version_dir
 
 
 class PreparedSource:

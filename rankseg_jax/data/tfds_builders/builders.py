@@ -37,7 +37,7 @@ from rankseg_jax.data.sources import READERS, make_source
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "1.0.0"
+BUILDER_VERSION = prepared.BUILDER_VERSION
 _KEY_SPACE = 1 << 128  # TFDS shuffle keys are 128-bit; see _order_key
 
 
