@@ -174,3 +174,16 @@ def test_ade20k_full_uint16_labels_round_trip(tmp_path):
         assert sorted(np.unique(prepared[0]["label"]).tolist()) == sorted(
             np.unique(values).tolist()
         )
+
+
+def test_prepare_without_importlib_resources_says_so(tmp_path, monkeypatch, capsys, ade):
+    root, _ = ade
+    real = builders.importlib.util.find_spec
+    monkeypatch.setattr(
+        builders.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "importlib_resources" else real(name, *a),
+    )
+    code = builders.main(["--dataset=ade20k", f"--root={root}", f"--data_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "pip install importlib_resources" in err

@@ -127,8 +127,13 @@ class PreparedSource:
     def _open(self) -> Any:
         """The TFDS random-access data source of the split (opened once per process)."""
         if self._records is None:
-            from rankseg_jax.data.tfds_builders import builders  # registers the builder names
-
+            try:
+                from rankseg_jax.data.tfds_builders import builders  # registers the names
+            except ImportError as err:
+                raise ImportError(
+                    f"data.source='tfds' needs tensorflow-datasets and array-record "
+                    f"(requirements.txt): {err}"
+                ) from err
             tfds = builders.tfds
             available = builders.prepared_splits(self.root)
             if self.split not in available:

@@ -19,6 +19,7 @@ Use `prepare(dataset, root, data_dir)` or `python data/prepare_tfds.py`.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -194,6 +195,12 @@ def prepare(dataset: str, root: str | os.PathLike, data_dir: str | os.PathLike |
     """
     if dataset not in BUILDERS:
         raise prepared.DatasetError(f"unknown --dataset {dataset!r}; known: {', '.join(BUILDERS)}")
+    if importlib.util.find_spec("importlib_resources") is None:
+        # TFDS imports it lazily while writing (reading does not need it).
+        raise ImportError(
+            "preparing a TFDS dataset needs the importlib_resources package "
+            "(in requirements.txt): pip install importlib_resources"
+        )
     for split in READERS[dataset].split_aliases:
         make_source(dataset, root, split).check_layout()
     root = os.path.abspath(os.fspath(root))
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = prepare(args.dataset, args.root, args.data_dir or None)
-    except prepared.DatasetError as err:
+    except (prepared.DatasetError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     data_dir = prepared.resolve_data_dir(args.data_dir or None)
