@@ -187,3 +187,14 @@ def test_prepare_without_importlib_resources_says_so(tmp_path, monkeypatch, caps
     code = builders.main(["--dataset=ade20k", f"--root={root}", f"--data_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "pip install importlib_resources" in err
+
+
+def test_order_keys_keep_reader_order_across_tfds_buckets():
+    """Large splits spill into TFDS's 1000 sorted buckets; keys must keep order across them."""
+    from tensorflow_datasets.core import shuffle
+
+    count = 20_210  # ADE20K training
+    keys = [builders._order_key(i, count) for i in range(count)]
+    assert all(a < b for a, b in zip(keys, keys[1:], strict=False)) and keys[-1] < 1 << 128
+    buckets = [shuffle.get_bucket_number(k, shuffle.BUCKETS_NUMBER) for k in keys]
+    assert buckets == sorted(buckets) and len(set(buckets)) == shuffle.BUCKETS_NUMBER
