@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rankseg_jax.data.ade20k import ADE20K, SyntheticADE20K
 from rankseg_jax.data.ade20k_full import ADE20KFull
 from rankseg_jax.data.base import DatasetError, SegmentationSource
 from rankseg_jax.data.coco_stuff import COCOStuff10k, COCOStuff164k
 from rankseg_jax.data.pascal_context import PascalContext
+
+if TYPE_CHECKING:
+    from rankseg_jax.data.prepared import PreparedSource
 
 READERS: dict[str, type[SegmentationSource]] = {
     "ade20k": ADE20K,
@@ -35,8 +38,15 @@ def make_source(
     return READERS[dataset](root, split, **opts)
 
 
-def source_from_config(config: Any, split: str = "val", **opts: Any) -> SegmentationSource:
+def source_from_config(
+    config: Any, split: str = "val", **opts: Any
+) -> SegmentationSource | PreparedSource:
     """The reader of a config's `data` for `split` ("train", "val" or a split name).
+
+    `data.source` picks the storage: "directory" (the readers above, from `data.root`) or
+    "tfds" (the array_record prepared by data/prepare_tfds.py under `data.tfds_data_dir`,
+    read by `rankseg_jax.data.prepared.PreparedSource`, which gives the same examples;
+    `data.generate_if_missing` and reader opts do not apply to it).
 
     With `data.generate_if_missing` (the demo configs) the generated ADE20K-format dataset is
     written first when it is missing or was generated with other `data.synthetic_*` settings,
@@ -45,6 +55,15 @@ def source_from_config(config: Any, split: str = "val", **opts: Any) -> Segmenta
     """
     data = config.data
     name = {"train": data.train_split, "val": data.val_split}.get(split, split)
+    storage = data.get("source", "directory")
+    if storage == "tfds":
+        from rankseg_jax.data.prepared import PreparedSource
+
+        prepared = PreparedSource(data.dataset, name, data.get("tfds_data_dir") or None)
+        prepared.check_layout()
+        return prepared
+    if storage != "directory":
+        raise DatasetError(f"unknown data.source {storage!r}; known: 'directory', 'tfds'")
     if data.generate_if_missing:
         if data.dataset != "synthetic_ade20k":
             raise DatasetError(
