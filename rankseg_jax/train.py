@@ -82,14 +82,20 @@ def train_step(
     model,
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
+    batch_sharding: jax.sharding.NamedSharding | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimisation step on a global batch: images (B, H, W, 3), labels (B, H, W).
 
     Dropout and drop-path draw from `fold_in(rng, step)`, so a resumed run repeats them.
     A non-finite loss or gradient leaves params and optimizer state unchanged and clears
-    `finite`; the loop reads that flag at log and save steps.
+    `finite`; the loop reads that flag at log and save steps. `batch_sharding` (the batch
+    axes) constrains images and labels, hence the activations, inside the step.
+    With `optimizer.grad_accum_steps` = k (optax.MultiSteps) params change every k-th step.
     """
     images, labels = batch["image"], batch["label"]
+    if batch_sharding is not None:  # activations follow the batch axes through the model
+        images = jax.lax.with_sharding_constraint(images, batch_sharding)
+        labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     gt = labels if config.model.head == "gt" else None
 
@@ -126,7 +132,9 @@ def train_step(
 
 def compile_train_step(model, tx, config, state_sharding, batch_sharding):
     """`train_step` jitted with explicit shardings and the state donated."""
-    step = functools.partial(train_step, model=model, tx=tx, config=config)
+    step = functools.partial(
+        train_step, model=model, tx=tx, config=config, batch_sharding=batch_sharding
+    )
     return jax.jit(
         step,
         in_shardings=(state_sharding, batch_sharding),
@@ -182,9 +190,36 @@ def replicated(mesh) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
-    """Sharding of every state leaf: replicated (data parallel); FSDP rules come later."""
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def state_shardings(
+    abstract_state: TrainState,
+    mesh,
+    *,
+    fsdp_min_size_mb: float = 4.0,
+    rules=shd.PARAM_RULES,
+) -> TrainState:
+    """Sharding of every state leaf: params by `sharding.param_shardings` (regex rules, FSDP of
+    tensors above `fsdp_min_size_mb` over 'fsdp'), optimizer state following its params,
+    step / rng / flags replicated. With mesh.fsdp = 1 everything is replicated."""
+    params = shd.param_shardings(
+        abstract_state.params, mesh, rules=rules, fsdp_min_size_mb=fsdp_min_size_mb
+    )
+    opt_state = shd.follow_params(abstract_state.opt_state, abstract_state.params, params, mesh)
+    rest = jax.tree.map(lambda _: replicated(mesh), abstract_state)
+    return rest.replace(params=params, opt_state=opt_state)
+
+
+def config_state_shardings(abstract_state: TrainState, mesh, config) -> TrainState:
+    """`state_shardings` with the config's `mesh.fsdp_min_size_mb`."""
+    return state_shardings(
+        abstract_state, mesh, fsdp_min_size_mb=float(config.mesh.fsdp_min_size_mb)
+    )
+
+
+def create_state(config, model, tx, mesh) -> TrainState:
+    """A fresh state (seeded init) created directly sharded: eval_shape -> shardings ->
+    jit(init, out_shardings); no leaf is ever materialised whole on one device."""
+    make, abstract = _abstract_state(model, tx, config, tuple(config.model.img_size))
+    return jax.jit(make, out_shardings=config_state_shardings(abstract, mesh, config))()
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -217,7 +252,11 @@ def initial_state(config, workdir, model, tx, mesh, manager):
     from rankseg_jax.convert import loading
 
     make, abstract = _abstract_state(model, tx, config, tuple(config.model.img_size))
-    shardings = state_shardings(abstract, mesh)
+    shardings = config_state_shardings(abstract, mesh, config)
+    if config.mesh.print_sharding and jax.process_index() == 0:
+        from absl import logging
+
+        logging.info("state sharding:\n%s", shd.sharding_table(abstract, shardings))
     step = manager.latest_step()
     if step is not None:
         target = _with_shardings(abstract, shardings)
@@ -279,8 +318,11 @@ def _check_finite(state: TrainState, step: int) -> None:
 
 def _log_step(writer, step, acc, timer, config, schedule, pipeline, workdir) -> None:
     """Scalars to TensorBoard/console and one JSON line per log step to metrics.jsonl."""
+    accum = max(int(config.optimizer.grad_accum_steps), 1)  # the schedule counts updates
     scalars = acc.mean()
-    scalars.update(timer.report(config.batch_size), learning_rate=float(schedule(step - 1)))
+    scalars.update(
+        timer.report(config.batch_size), learning_rate=float(schedule((step - 1) // accum))
+    )
     scalars.update(_peak_memory(), skipped_records=pipeline.num_skipped)
     writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
@@ -294,8 +336,11 @@ def _maybe_evaluate(config, evaluator, state, step, writer, workdir, val_source)
         return None
     from rankseg_jax import eval_mode
 
+    params = state.params
+    if jax.process_count() > 1:  # each process scores its own images on a local copy
+        params = shd.local_replica(params, shd.mesh_of(params))
     return eval_mode.run_evaluation(
-        evaluator, config, val_source, params=state.params, step=step, writer=writer,
+        evaluator, config, val_source, params=params, step=step, writer=writer,
         workdir=workdir, progress=False,
     )  # fmt: skip
 
@@ -321,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = pathlib.Path(workdir)
     provenance.check_resume(config, workdir)
     source = source_from_config(config, "train")
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = shd.mesh_from_config(config)
     model, tx = create_model(config.model), optim.make_optimizer(config)
     manager = checkpoint.make_manager(workdir, config)
     state, data_state, origin = initial_state(config, workdir, model, tx, mesh, manager)
@@ -332,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start == 0:
         writer.write_hparams(_hparams(config))
     step_fn = compile_train_step(
-        model, tx, config, state_shardings(state, mesh), shd.batch_sharding(mesh)
+        model, tx, config, config_state_shardings(state, mesh, config), shd.batch_sharding(mesh)
     )
     pipeline = TrainIterator(
         source, PipelineConfig.from_config(config), sharding=shd.batch_sharding(mesh)
@@ -340,7 +385,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if data_state is not None:
         pipeline.set_state(data_state)
     val_source = _val_source(config)
-    evaluator = Segmentor(config, model, state.params).inferencer  # compiled once, reused
+    eval_params = shd.local_replica(state.params, mesh) if jax.process_count() > 1 else state.params
+    evaluator = Segmentor(config, model, eval_params).inferencer  # compiled once, reused
     schedule = optim.make_schedule(config)
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     results, acc, timer = None, MetricAccumulator(), LoopTimer()

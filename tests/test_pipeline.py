@@ -98,7 +98,7 @@ def test_example_equals_reference_transform_of_its_position():
         np.testing.assert_array_equal(normalised["image"][i], image)  # bit-exact
         np.testing.assert_array_equal(normalised["label"][i], label)
         np.testing.assert_array_equal(batch["label"][i], label)
-    assert batch["position"].tolist() == [5, 7]  # step 1, slots 1 and 3 of batch 4
+    assert batch["position"].tolist() == [6, 7]  # step 1, slots 2 and 3 of batch 4
 
 
 def test_worker_count_does_not_change_stream():

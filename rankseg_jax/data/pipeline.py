@@ -9,9 +9,10 @@ Training order (independent of process and worker counts):
   permutation perm_e = shuffle(seed, e) of the whole index space, with e = k // S, j = k % S and
   S = len(source) // B steps per epoch (the remainder of each epoch is dropped, as the reference
   `drop_last=True`).
-- Process p of P feeds slots p, p+P, p+2P, ... of each global batch (DistributedSampler style),
-  so global batch k holds the same examples for 1, 2 or 4 processes (the row order of the global
-  array follows process order, so it differs between process counts; the set does not).
+- Process p of P feeds the contiguous slots [p*B/P, (p+1)*B/P) of each global batch, so the
+  global array (rows in process order) is identical for 1, 2 or 4 processes, row for row: the
+  per-row dropout and drop-path masks, and hence the trained params, do not depend on the
+  process count.
 - The example in slot s of batch k has global position g = k*B + s; its augmentation uses
   `np.random.default_rng([seed, 1, g])`: a pure function of (seed, position).
 - Grain sees a MapDataset of *step numbers*; one element is one process-local batch, built by
@@ -224,14 +225,19 @@ def augment_rng(seed: int, position: int) -> np.random.Generator:
 
 
 def process_slots(global_batch: int, process_index: int, process_count: int) -> np.ndarray:
-    """Slots of a global batch that process p feeds: p, p+P, p+2P, ... int64 (B/P,)."""
+    """Slots of a global batch that process p feeds: the block [p*B/P, (p+1)*B/P), int64 (B/P,).
+
+    Contiguous so that `jax.make_array_from_process_local_data` (rows in process order) builds
+    the same global batch, row for row, whatever the process count.
+    """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     if global_batch % process_count:
         raise ValueError(
             f"batch_size={global_batch} is not divisible by the {process_count} processes"
         )
-    return np.arange(process_index, global_batch, process_count)
+    local = global_batch // process_count
+    return np.arange(process_index * local, (process_index + 1) * local)
 
 
 class TrainBatchFn:
