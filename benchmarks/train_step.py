@@ -33,7 +33,6 @@ from common import (  # type: ignore[import-not-found]
     load_config,
     peak_flops,
     pin_cores,
-    time_calls,
     versions,
 )
 
@@ -281,14 +280,10 @@ def with_throughput(record: dict, timing: dict, batch: int, flops: float, peak) 
     return record
 
 
-def run_jax(args, config, bench: JaxBench, images, labels) -> dict:
-    """JAX train-step and forward records (keyed 'train_step' / 'forward')."""
+def jax_calls(args, config, bench: JaxBench, images, labels) -> dict:
+    """{'train_step' / 'forward': (blocking callable, partial record)} of the JAX side."""
     import jax
 
-    from rankseg_jax.flops import forward_flops
-
-    flops = forward_flops(config.model, tuple(config.model.img_size))
-    peak = peak_flops(args)
     out = {}
     if not args.skip_train:
         batch = jax.device_put(dict(image=images, label=labels), bench.batch_sharding)
@@ -299,61 +294,66 @@ def run_jax(args, config, bench: JaxBench, images, labels) -> dict:
             holder[0], metrics = step(holder[0], batch)
             jax.block_until_ready(metrics["loss"])
 
-        timing = time_calls(one, args.steps, args.warmup)
         rec = base_record(args, config, "train_step", "jax")
         rec.update(compile_s=compile_s, xla_cost_tflops_per_step=_tf(xla_flops))
-        out["train_step"] = with_throughput(
-            rec, timing, config.batch_size, flops["train_step"], peak
-        )
-        out["train_step"].update(device_peak_memory())
-        del holder
+        out["train_step"] = (one, rec)
     if not args.skip_forward:
         x = jax.device_put(images)
         fwd, compile_s, xla_flops = bench.compile_forward(x)
-        timing = time_calls(
-            lambda: jax.block_until_ready(fwd(bench.params, x)), args.steps, args.warmup
-        )
         rec = base_record(args, config, "forward", "jax")
         rec.update(compile_s=compile_s, xla_cost_tflops_per_step=_tf(xla_flops))
-        out["forward"] = with_throughput(rec, timing, config.batch_size, flops["forward"], peak)
+        out["forward"] = (lambda: jax.block_until_ready(fwd(bench.params, x)), rec)
     return out
 
 
-def run_torch(args, config, ref, images, labels) -> dict:
+def torch_calls(args, config, ref, images, labels) -> dict:
+    """{'train_step' / 'forward': (callable, partial record)} of the PyTorch side."""
     import numpy as np
     import torch
 
-    from rankseg_jax.flops import forward_flops
-
-    flops = forward_flops(config.model, tuple(config.model.img_size))
     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     y = torch.from_numpy(labels.astype(np.int64))
     out = {}
     if not args.skip_train:
         opt = torch_optimizer(ref, config)
-        ref.train()
 
         def one():
+            ref.train()
             opt.zero_grad(set_to_none=True)
             ref.forward_train(x, y)["loss"].backward()
             opt.step()
 
-        timing = time_calls(one, args.steps, args.warmup)
-        rec = base_record(args, config, "train_step", "torch")
-        out["train_step"] = with_throughput(
-            rec, timing, config.batch_size, flops["train_step"], None
-        )
+        out["train_step"] = (one, base_record(args, config, "train_step", "torch"))
     if not args.skip_forward:
-        ref.eval()
 
         def fwd():
+            ref.eval()
             with torch.no_grad():
                 ref.encode_decode(x)
 
-        timing = time_calls(fwd, args.steps, args.warmup)
-        rec = base_record(args, config, "forward", "torch")
-        out["forward"] = with_throughput(rec, timing, config.batch_size, flops["forward"], None)
+        out["forward"] = (fwd, base_record(args, config, "forward", "torch"))
     return out
+
+
+def time_interleaved(fns: list, steps: int, warmup: int) -> list[dict]:
+    """Time several callables in alternation (a, b, a, b, ...): on a shared, noisy machine
+    both see the same background load, so their ratio is steadier than back-to-back runs."""
+    import statistics
+
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(steps):
+        for fn, acc in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return [
+        dict(median_s=statistics.median(t), mean_s=statistics.fmean(t), min_s=min(t),
+             steps=steps, warmup=warmup)
+        for t in times
+    ]  # fmt: skip
 
 
 def _tf(flops):
@@ -365,36 +365,42 @@ def main(argv=None) -> None:
     cores = pin_cores(args.threads) if args.threads else None
     import jax  # noqa: F401 - after pinning, so XLA's pool sees the affinity mask
 
+    from rankseg_jax.flops import forward_flops
+
     config = load_config(args)
     images, labels = synthetic_batch(config, args.seed)
     ref, check = None, None
     if args.compare_torch:
         import torch
 
+        from rankseg_jax.models.segmenter import create_model
+
         torch.set_num_threads(args.threads or len(cores or [1]))
         torch.set_num_interop_threads(1)
         ref = torch_model(config, args.seed)
-        from rankseg_jax.models.segmenter import create_model
-
         params = params_from_torch(ref.state_dict(), create_model(config.model), config)
         bench = JaxBench(config, params)
         check = assert_equal_outputs(bench, ref, images, labels)
     else:
         bench = JaxBench(config)
     env = dict(cores=cores, **device_info(), **versions())
-    results = run_jax(args, config, bench, images, labels)
-    for rec in results.values():
-        emit(dict(rec, **env))
-    if ref is None:
-        return
-    theirs = run_torch(args, config, ref, images, labels)
-    for rec in theirs.values():
-        emit(dict(rec, torch_threads=torch.get_num_threads(), **env))
-    for kind in results:
-        ratio = results[kind]["images_per_s"] / theirs[kind]["images_per_s"]
-        emit(dict(benchmark=kind, comparison="jax_over_torch_images_per_s", ratio=ratio,
-                  target=1.0 if kind == "train_step" else 1.2, met=ratio >= (
-                      1.0 if kind == "train_step" else 1.2), equality_check=check))  # fmt: skip
+    flops = forward_flops(config.model, tuple(config.model.img_size))
+    peak = peak_flops(args)
+    mine = jax_calls(args, config, bench, images, labels)
+    theirs = {} if ref is None else torch_calls(args, config, ref, images, labels)
+    for kind, (fn, rec) in mine.items():
+        pair = [fn] + ([theirs[kind][0]] if kind in theirs else [])
+        timings = time_interleaved(pair, args.steps, args.warmup)
+        rec = with_throughput(rec, timings[0], config.batch_size, flops[kind], peak)
+        emit(dict(rec, **device_peak_memory(), **env))
+        if kind in theirs:
+            other = with_throughput(theirs[kind][1], timings[1], config.batch_size, flops[kind],
+                                    None)  # fmt: skip
+            emit(dict(other, torch_threads=torch.get_num_threads(), **env))
+            ratio = rec["images_per_s"] / other["images_per_s"]
+            target = 1.0 if kind == "train_step" else 1.2
+            emit(dict(benchmark=kind, comparison="jax_over_torch_images_per_s", ratio=ratio,
+                      target=target, met=ratio >= target, equality_check=check))  # fmt: skip
 
 
 if __name__ == "__main__":
