@@ -38,8 +38,15 @@ def tiny_config(head: str):
 def optimised_hlo(config) -> str:
     model, tx = create_model(config.model), optim.make_optimizer(config)
     mesh = shd.make_mesh(1, 1, jax.devices()[:1])
-    make, abstract = train._abstract_state(model, tx, config, (CROP, CROP))
-    shardings = train.state_shardings(abstract, mesh)
+    images = jnp.zeros((1, CROP, CROP, 3), jnp.float32)
+    labels = jnp.zeros((1, CROP, CROP), jnp.int32)
+    abstract = jax.eval_shape(
+        lambda: train.new_state(
+            model.init(jax.random.PRNGKey(0), images, gt_labels=labels)["params"], tx, 0
+        )
+    )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = jax.tree.map(lambda _: replicated, abstract)
     step = train.compile_train_step(model, tx, config, shardings, shd.batch_sharding(mesh))
     b = config.batch_size
     batch = dict(
