@@ -181,6 +181,7 @@ def main(argv=None) -> None:
         import torch
         import train_step  # type: ignore[import-not-found]
 
+        from rankseg_jax import evaluate
         from rankseg_jax.models.segmenter import create_model
 
         torch.set_num_threads(args.threads or 1)
@@ -190,7 +191,7 @@ def main(argv=None) -> None:
         segmentor = make_inferencer(config, params)
         image, label = examples[0]
         want = torch_predict(ref, config, image, label.shape)
-        passes = __import__("rankseg_jax.evaluate", fromlist=["x"]).image_passes(
+        passes = evaluate.image_passes(
             image, mean=config.data.mean, std=config.data.std, test_scale=config.data.test_scale
         )
         got = segmentor.inferencer.predict_passes(passes, label.shape).pred
