@@ -35,7 +35,8 @@ def gelu(x: jax.Array) -> jax.Array:
     the fast vectorised kernel. The two agree to float32 rounding (≤ 5e-7 absolute), and this
     one follows torch's formula term for term.
     """
-    return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))
+    x32 = x.astype(jnp.float32)  # bf16 compute: erf in float32 (fused, free on accelerators)
+    return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * (2**-0.5)))).astype(x.dtype)
 
 
 class DropPath(nn.Module):
