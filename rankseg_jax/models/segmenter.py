@@ -76,7 +76,15 @@ def _dtype(name: str) -> Any:
 
 
 def create_model(model_config: ml_collections.ConfigDict) -> Segmenter:
-    """Build the Segmenter described by `config.model` (sizes resolved by configs.common)."""
+    """Build the Segmenter described by `config.model` (sizes resolved by configs.common).
+
+    Precision policy of `compute_dtype='bfloat16'`: params (and so optimizer state) stay
+    float32; matmuls, convolutions and the residual stream run in bfloat16; GELU (computed in
+    float32, rounded back), LayerNorm
+    statistics and outputs, attention scores and softmax, image logits (`ml_fc`) and their
+    top-k, the cosine normalisation, `mask_norm`, the upsample before the loss and the losses
+    are float32 (checked by tests/test_precision.py; benchmarks/README.md).
+    """
     m = model_config
     dims = common.vit_dims(m)
     if m.attention_impl not in ATTENTION_IMPLS:

@@ -1,0 +1,407 @@
+"""Steady-state training-step and forward benchmark of a Segmenter config, JAX (and PyTorch).
+
+Prints one JSON line per measurement: compile time, step time (median over the timed steps),
+images/s, peak memory where the backend reports it, model FLOPs by the spec arithmetic
+(performance.md section 3; `rankseg_jax.flops`) with XLA's cost-analysis count beside it, and
+MFU where the device peak is known (H100/H200: 989 TFLOP/s bf16 dense, or --peak-tflops).
+Batches are synthetic and device-resident: this measures the step, not the input pipeline
+(benchmarks/input_pipeline.py measures that).
+
+    # the CPU target of issue 9 (ViT-S/16 mask head, 256², batch 2, float32, 2 pinned threads),
+    # JAX and PyTorch (eager, SDPA) in one run, outputs asserted equal before timing:
+    python benchmarks/train_step.py --compare-torch
+    # GPU rows:
+    python benchmarks/train_step.py --variant B/16 --head rankseg --resolution 512 --batch 8 \
+        --dtype bfloat16 --attention cudnn
+
+The forward measured is inference: `encode_decode` (logits at the input size), no gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import (  # type: ignore[import-not-found]
+    BenchmarkError,
+    add_model_flags,
+    apply_cpu_target,
+    cost_analysis_flops,
+    device_info,
+    device_peak_memory,
+    emit,
+    load_config,
+    peak_flops,
+    pin_cores,
+    versions,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_flags(parser)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    parser.add_argument("--skip-forward", action="store_true")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    apply_cpu_target(args)
+    return args
+
+
+def synthetic_batch(config, seed: int):
+    """Normalised images (B, H, W, 3) float32 in [-1, 1] and labels (B, H, W) int32 with ~5 %
+    ignore pixels, as numpy (the same arrays feed both frameworks)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b, (h, w) = config.batch_size, tuple(config.model.img_size)
+    images = rng.uniform(-1, 1, (b, h, w, 3)).astype(np.float32)
+    labels = rng.integers(0, config.model.n_cls, (b, h, w)).astype(np.int32)
+    labels[rng.random((b, h, w)) < 0.05] = config.data.ignore_index
+    return images, labels
+
+
+# --------------------------------------------------------------------------------- JAX side
+
+
+class JaxBench:
+    """The model, optimizer, state and compiled functions of one config (single device)."""
+
+    def __init__(self, config, params=None):
+        import jax
+
+        from rankseg_jax import optim, train
+        from rankseg_jax import sharding as shd
+        from rankseg_jax.models.segmenter import create_model
+
+        self.config = config
+        self.model = create_model(config.model)
+        self.tx = optim.make_optimizer(config)
+        if params is None:
+            size = tuple(config.model.img_size)
+            images = jax.numpy.zeros((1, *size, 3))
+            labels = jax.numpy.zeros((1, *size), jax.numpy.int32)
+            params = jax.jit(self.model.init)(
+                jax.random.PRNGKey(config.seed), images, gt_labels=labels
+            )["params"]
+        self.params = params
+        self.mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+        self.state_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.batch_sharding = shd.batch_sharding(self.mesh)
+        self._train = train
+
+    def new_state(self):
+        import jax
+
+        return jax.device_put(
+            self._train.new_state(self.params, self.tx, self.config.seed), self.state_sharding
+        )
+
+    def compile_train(self, batch):
+        """(compiled step, compile seconds, XLA FLOPs) for the training step."""
+        step = self._train.compile_train_step(
+            self.model, self.tx, self.config, self.state_sharding, self.batch_sharding
+        )
+        t0 = time.perf_counter()
+        compiled = step.lower(self.new_state(), batch).compile()
+        return compiled, time.perf_counter() - t0, cost_analysis_flops(compiled)
+
+    def compile_forward(self, images):
+        import jax
+
+        def forward(params, x):
+            return self.model.apply({"params": params}, x, method=self.model.encode_decode)
+
+        t0 = time.perf_counter()
+        compiled = jax.jit(forward).lower(self.params, images).compile()
+        return compiled, time.perf_counter() - t0, cost_analysis_flops(compiled)
+
+    def loss_and_grads(self, images, labels):
+        """The training loss and its gradient (deterministic: the dropout key is fixed)."""
+        import jax
+
+        from rankseg_jax import losses
+
+        c = self.config
+
+        def loss_fn(params):
+            out = self.model.apply(
+                {"params": params}, images, train=True, rngs={"dropout": jax.random.PRNGKey(0)}
+            )
+            total, _ = losses.segmentation_losses(
+                out, labels, c.loss, c.model.n_cls, c.data.ignore_index
+            )
+            return total
+
+        return jax.jit(jax.value_and_grad(loss_fn))(self.params)
+
+
+# ------------------------------------------------------------------------------- torch side
+
+
+def torch_model(config, seed: int):
+    """The reference architecture of `config` with SDPA attention and seeded weights."""
+    from configs import common
+    from rankseg_jax.testing import torch_reference as tr
+    from rankseg_jax.testing.torch_sdpa import count_sdpa_modules, use_sdpa_
+
+    m, dims = config.model, common.vit_dims(config.model)
+    if m.oce or m.head == "gt":
+        raise BenchmarkError("--compare-torch supports the mask and rankseg heads without OCE")
+    ref = tr.build_segmenter(
+        tr.SegmenterConfig(
+            head=m.head, img_size=tuple(m.img_size), patch_size=m.patch_size,
+            embed_dims=dims["width"], num_layers=dims["depth"], num_heads=dims["num_heads"],
+            mlp_ratio=dims["mlp_dim"] // dims["width"], drop_path_rate=m.drop_path_rate,
+            n_cls=m.n_cls, d_model=dims["dec_width"], head_layers=dims["dec_layers"],
+            head_heads=dims["dec_heads"], d_ff=dims["dec_mlp_dim"], dropout=m.dropout,
+            head_drop_path_rate=m.dec_drop_path_rate, topk_cls=m.k, downsample=m.downsample,
+            img_loss=config.loss.img_loss, img_loss_weight=config.loss.img_loss_weight,
+        )
+    )  # fmt: skip
+    tr.randomize_parameters_(ref, seed)
+    use_sdpa_(ref)
+    expected = dims["depth"] + dims["dec_layers"]
+    if count_sdpa_modules(ref) != expected:
+        raise BenchmarkError(f"SDPA swap reached {count_sdpa_modules(ref)} of {expected} modules")
+    return ref
+
+
+def params_from_torch(tensors: dict, model, config):
+    """Map a torch name → tensor dict (a state dict, or gradients) onto the JAX param tree."""
+    import numpy as np
+
+    from rankseg_jax.convert import mmseg
+    from rankseg_jax.convert.loading import expected_params
+
+    numpy = {k: np.asarray(v.detach().numpy(), np.float32) for k, v in tensors.items()}
+    expected = expected_params(model, config)
+    return mmseg.state_dict_to_params(numpy, expected, gt_head=False)
+
+
+def torch_optimizer(ref, config):
+    """SGD with the config's lr, momentum and weight decay (the update is elementwise and cheap;
+    the schedule and per-parameter decay multipliers do not change the cost)."""
+    import torch
+
+    o = config.optimizer
+    if o.name != "sgd":
+        return torch.optim.AdamW(ref.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(
+        ref.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+    )
+
+
+def relative_error(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def assert_equal_outputs(bench: JaxBench, ref, images, labels) -> dict:
+    """Forward logits, training loss and every gradient agree before anything is timed.
+
+    Tolerances (float32, random weights): logits 1e-4 absolute (as tests/test_models_torch.py
+    at ViT-B/16 512), loss 1e-4 relative, each gradient tensor 1e-3 relative (norm).
+    """
+    import jax
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(labels.astype(np.int64))
+    ref.eval()
+    with torch.no_grad():
+        want = ref.encode_decode(x).numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(
+        bench.model.apply({"params": bench.params}, images, method=bench.model.encode_decode)
+    )
+    logit_err = float(np.max(np.abs(got - want)))
+    if logit_err > 1e-4:
+        raise BenchmarkError(f"forward logits differ from torch by {logit_err:.2e} (> 1e-4)")
+    ref.train()
+    ref.zero_grad(set_to_none=True)
+    loss_t = ref.forward_train(x, y)["loss"]
+    loss_t.backward()
+    loss_j, grads_j = bench.loss_and_grads(images, labels)
+    loss_t, loss_j = loss_t.item(), float(loss_j)
+    loss_err = abs(loss_j - loss_t) / abs(loss_t)
+    if loss_err > 1e-4:
+        raise BenchmarkError(f"loss {loss_j} vs torch {loss_t} (rel {loss_err:.1e})")
+    grads_t = params_from_torch(
+        {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in
+         ref.named_parameters()}, bench.model, bench.config,
+    )  # fmt: skip
+    errs = jax.tree.map(relative_error, jax.device_get(grads_j), grads_t)
+    worst = max(jax.tree.leaves(errs))
+    if worst > 1e-3:
+        flat = jax.tree_util.tree_flatten_with_path(errs)[0]
+        name = max(flat, key=lambda kv: kv[1])[0]
+        raise BenchmarkError(f"gradient {jax.tree_util.keystr(name)} differs by {worst:.1e}")
+    ref.zero_grad(set_to_none=True)
+    return dict(max_logit_abs_err=logit_err, loss_rel_err=loss_err, max_grad_rel_err=worst)
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+def base_record(args, config, kind: str, framework: str) -> dict:
+    m = config.model
+    return dict(
+        benchmark=kind,
+        framework=framework,
+        variant=m.variant,
+        head=m.head,
+        resolution=list(m.img_size),
+        batch=config.batch_size,
+        dtype=m.compute_dtype if framework == "jax" else "float32",
+        attention=m.attention_impl if framework == "jax" else "sdpa",
+        remat=m.remat if framework == "jax" else "none",
+        threads=args.threads,
+    )
+
+
+def with_throughput(record: dict, timing: dict, batch: int, flops: float, peak) -> dict:
+    step = timing["median_s"]
+    achieved = flops * batch / step
+    record.update(
+        step_time_s=step,
+        step_time_mean_s=timing["mean_s"],
+        step_time_min_s=timing["min_s"],
+        images_per_s=batch / step,
+        model_tflops_per_step=flops * batch / 1e12,
+        achieved_tflops_per_s=achieved / 1e12,
+        mfu=None if peak is None else achieved / peak,
+        timed_steps=timing["steps"],
+    )
+    return record
+
+
+def jax_calls(args, config, bench: JaxBench, images, labels) -> dict:
+    """{'train_step' / 'forward': (blocking callable, partial record)} of the JAX side."""
+    import jax
+
+    out = {}
+    if not args.skip_train:
+        batch = jax.device_put(dict(image=images, label=labels), bench.batch_sharding)
+        step, compile_s, xla_flops = bench.compile_train(batch)
+        holder = [bench.new_state()]
+
+        def one():
+            holder[0], metrics = step(holder[0], batch)
+            jax.block_until_ready(metrics["loss"])
+
+        rec = base_record(args, config, "train_step", "jax")
+        rec.update(compile_s=compile_s, xla_cost_tflops_per_step=_tf(xla_flops))
+        out["train_step"] = (one, rec)
+    if not args.skip_forward:
+        x = jax.device_put(images)
+        fwd, compile_s, xla_flops = bench.compile_forward(x)
+        rec = base_record(args, config, "forward", "jax")
+        rec.update(compile_s=compile_s, xla_cost_tflops_per_step=_tf(xla_flops))
+        out["forward"] = (lambda: jax.block_until_ready(fwd(bench.params, x)), rec)
+    return out
+
+
+def torch_calls(args, config, ref, images, labels) -> dict:
+    """{'train_step' / 'forward': (callable, partial record)} of the PyTorch side."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(labels.astype(np.int64))
+    out = {}
+    if not args.skip_train:
+        opt = torch_optimizer(ref, config)
+
+        def one():
+            ref.train()
+            opt.zero_grad(set_to_none=True)
+            ref.forward_train(x, y)["loss"].backward()
+            opt.step()
+
+        out["train_step"] = (one, base_record(args, config, "train_step", "torch"))
+    if not args.skip_forward:
+
+        def fwd():
+            ref.eval()
+            with torch.no_grad():
+                ref.encode_decode(x)
+
+        out["forward"] = (fwd, base_record(args, config, "forward", "torch"))
+    return out
+
+
+def time_interleaved(fns: list, steps: int, warmup: int) -> list[dict]:
+    """Time several callables in alternation (a, b, a, b, ...): on a shared, noisy machine
+    both see the same background load, so their ratio is steadier than back-to-back runs."""
+    import statistics
+
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(steps):
+        for fn, acc in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return [
+        dict(median_s=statistics.median(t), mean_s=statistics.fmean(t), min_s=min(t),
+             steps=steps, warmup=warmup)
+        for t in times
+    ]  # fmt: skip
+
+
+def _tf(flops):
+    return None if flops is None else flops / 1e12
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cores = pin_cores(args.threads) if args.threads else None
+    import jax  # noqa: F401 - after pinning, so XLA's pool sees the affinity mask
+
+    from rankseg_jax.flops import forward_flops
+
+    config = load_config(args)
+    images, labels = synthetic_batch(config, args.seed)
+    ref, check = None, None
+    if args.compare_torch:
+        import torch
+
+        from rankseg_jax.models.segmenter import create_model
+
+        torch.set_num_threads(args.threads or len(cores or [1]))
+        torch.set_num_interop_threads(1)
+        ref = torch_model(config, args.seed)
+        params = params_from_torch(ref.state_dict(), create_model(config.model), config)
+        bench = JaxBench(config, params)
+        check = assert_equal_outputs(bench, ref, images, labels)
+    else:
+        bench = JaxBench(config)
+    env = dict(cores=cores, **device_info(), **versions())
+    flops = forward_flops(config.model, tuple(config.model.img_size))
+    peak = peak_flops(args)
+    mine = jax_calls(args, config, bench, images, labels)
+    theirs = {} if ref is None else torch_calls(args, config, ref, images, labels)
+    for kind, (fn, rec) in mine.items():
+        pair = [fn] + ([theirs[kind][0]] if kind in theirs else [])
+        timings = time_interleaved(pair, args.steps, args.warmup)
+        rec = with_throughput(rec, timings[0], config.batch_size, flops[kind], peak)
+        emit(dict(rec, **device_peak_memory(), **env))
+        if kind in theirs:
+            other = with_throughput(theirs[kind][1], timings[1], config.batch_size, flops[kind],
+                                    None)  # fmt: skip
+            emit(dict(other, torch_threads=torch.get_num_threads(), **env))
+            ratio = rec["images_per_s"] / other["images_per_s"]
+            target = 1.0 if kind == "train_step" else 1.2
+            emit(dict(benchmark=kind, comparison="jax_over_torch_images_per_s", ratio=ratio,
+                      target=target, met=ratio >= target, equality_check=check))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
