@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -85,14 +86,8 @@ def test_validation_split_uses_another_seed(demo_run):
     config, _ = demo_run
     common.validate(config)
     assert config.data.synthetic_val_seed != config.data.synthetic_seed
-    manifest = json.loads((pathlib_of(config.data.root) / "synthetic.json").read_text())
+    manifest = json.loads((pathlib.Path(config.data.root) / "synthetic.json").read_text())
     assert (manifest["seed"], manifest["val_seed"]) == (config.data.synthetic_seed, VAL_SEED)
-
-
-def pathlib_of(path):
-    import pathlib
-
-    return pathlib.Path(path)
 
 
 def test_demo_loss_falls(demo_run):
