@@ -1,8 +1,25 @@
 """The demo: a small Segmenter + RankSeg on the generated ADE20K-format dataset, on a laptop CPU.
 
-Needs no download: the data are generated under `data.root` if missing. Deviations from the
-reference recipe (listed in the README): a tiny ViT trained from scratch, 64 px crops and
-milder scale jitter, a higher learning rate. Args: head=rankseg|mask, runlocal.
+`python main.py --config=configs/demo.py --workdir=DIR` needs no download: the data (400 train,
+50 val images) are generated under `data.root` if missing, then it trains, evaluates and prints
+mIoU. Args: head=rankseg|mask (the baseline head at the same budget), runlocal (the short run
+that tests/test_demo.py checks: the loss falls and mIoU beats the untrained model and the
+majority class by a margin).
+
+Deviations from the reference recipe (ADE20K ViT-B/16, SGD lr 1e-3, 160k steps; each chosen
+so that a from-scratch model learns within minutes on 2 CPU cores):
+* model: a tiny ViT (width 128, depth 4, 4 heads, patch 8) from scratch, no dropout or
+  drop-path, 64 x 64 input instead of 512;
+* RankSeg k = 100 of 150 classes instead of 50: at initialisation the top-k is arbitrary, so
+  the pixel recall starts near k / 150; with k = 50 the pixel CE (averaged over all pixels)
+  grows as the recall rises and the total loss barely falls in a short run;
+* optimizer: AdamW lr 2.5e-4 (weight decay 1e-4), 10 warmup steps, poly decay; batch 8;
+  3000 steps (runlocal: 700);
+* data: 64 px crops; img_scale (512, 128) with ratio 0.75-1.25 instead of (2048, 512) with
+  0.5-2.0; no photometric distortion (the generated classes differ by hue steps that the
+  reference's ±36° hue jitter blurs);
+* evaluation: slide 64 x 64 windows with stride 48 at test_scale (512, 128); output tiles
+  (64, 256) for the small images; checkpoints every third of the run.
 """
 
 import ml_collections
@@ -17,15 +34,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data = common.dataset_overrides("synthetic_ade20k")
     data.update(
         crop_size=(64, 64),
-        img_scale=(256, 64),
-        ratio_range=(0.75, 1.5),
-        test_scale=(256, 64),
+        img_scale=(512, 128),
+        ratio_range=(0.75, 1.25),
+        photometric=False,
+        test_scale=(512, 128),
         num_workers=1,
         generate_if_missing=True,
         synthetic_train=400,
         synthetic_val=50,
     )
-    steps = 60 if arg.runlocal else 1500
+    steps = 700 if arg.runlocal else 3000
     return common.with_defaults(
         dict(
             batch_size=8,
@@ -40,14 +58,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 dec_heads=4,
                 dec_layers=3 if arg.head == "rankseg" else 2,
                 img_size=(64, 64),
-                k=16 if arg.head == "rankseg" else 150,
+                patch_size=8,
+                k=100 if arg.head == "rankseg" else 150,
                 drop_path_rate=0.0,
                 dropout=0.0,
             ),
             data=data,
-            optimizer=dict(name="adamw", lr=1e-3, weight_decay=1e-4),
-            schedule=dict(warmup_steps=50, min_lr=1e-5),
-            eval=dict(crop=(64, 64), stride=(48, 48), every_steps=steps, window_batch=16),
+            optimizer=dict(name="adamw", lr=2.5e-4, weight_decay=1e-4),
+            schedule=dict(warmup_steps=10, min_lr=1e-5),
+            eval=dict(
+                crop=(64, 64), stride=(48, 48), every_steps=steps, window_batch=16, tile=(64, 256)
+            ),
             checkpoint=dict(every_steps=max(steps // 3, 1)),
             logging=dict(every_steps=25),
         )

@@ -425,7 +425,7 @@ def test_main_export_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     tensors, meta = load_safetensors(tmp_path / "export" / "model.safetensors")
     assert_same_state(tensors, export.state_dict_for_export(params, config))
-    assert meta["k"] == 16 and meta["sizes"]["depth"] == 4
+    assert meta["k"] == config.model.k and meta["sizes"]["depth"] == config.model.depth
 
 
 # ------------------------------------------------------------------ errors

@@ -72,7 +72,9 @@ def folder_run(tmp_path_factory, weights):
     with config.unlocked():
         config.init_from = str(weights)
     code, stdout, stderr = run_mode(config, root / "workdir")
-    return dict(code=code, stdout=stdout, stderr=stderr, out=root / "out", sizes=sizes)
+    return dict(
+        code=code, stdout=stdout, stderr=stderr, out=root / "out", sizes=sizes, k=config.model.k
+    )
 
 
 def decode_png(path: pathlib.Path) -> np.ndarray:
@@ -124,7 +126,7 @@ def test_label_maps_sizes_and_json(folder_run):
         assert sum(c["share"] for c in classes) == pytest.approx(1.0, abs=1e-9)
         topk = record["topk"]
         scores = [t["score"] for t in topk]
-        assert len(topk) == 16 and scores == sorted(scores, reverse=True)
+        assert len(topk) == folder_run["k"] and scores == sorted(scores, reverse=True)
         assert all(0.0 <= s <= 1.0 for s in scores)  # sigmoid scores
         assert all(t["predicted"] == (t["id"] in by_id) for t in topk)
         assert all(t["name"] == names[t["id"]] for t in topk)
