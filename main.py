@@ -22,12 +22,16 @@ def main(argv: list[str]) -> int:
     del argv
     from rankseg_jax import distributed
 
+    config = FLAGS.config
+    mode = FLAGS.mode or config.mode
+    if mode in ("train", "eval"):  # clu's writers import TensorFlow: keep it off the GPUs
+        from rankseg_jax.eval_mode import hide_gpus_from_tensorflow
+
+        hide_gpus_from_tensorflow()
     logging.info(distributed.maybe_initialize(FLAGS.distributed))  # before any other JAX call
     from configs import common
     from rankseg_jax import commands
 
-    config = FLAGS.config
-    mode = FLAGS.mode or config.mode
     try:
         common.validate(config)
     except common.ConfigError as exc:
