@@ -31,9 +31,10 @@ def tiny_config(dtype: str, width: int = 64, depth: int = 2):
     with config.unlocked():
         config.model.update(
             width=width, depth=depth, num_heads=2, mlp_dim=4 * width, dec_heads=2,
-            compute_dtype=dtype,
+            compute_dtype=dtype, k=K, patch_size=16,  # fixed here, whatever the demo uses
         )  # fmt: skip
         config.batch_size = 4
+        config.total_steps = 1500  # the poly schedule's horizon, pinned like the rest
         config.schedule.warmup_steps = 5
         config.optimizer.lr = 5e-4  # a calmer trajectory: rounding noise does not get amplified
     return config
