@@ -34,6 +34,7 @@ import optax
 
 from configs.common import ConfigError
 from rankseg_jax.convert import mmseg
+from rankseg_jax.sharding import key_name
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly",)
@@ -44,16 +45,9 @@ SCHEDULES = ("poly",)
 # --------------------------------------------------------------------------------------------
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def flax_path(path: Sequence[Any]) -> str:
     """'/'-joined Flax param path of a tree_util key path (a leading 'params' is dropped)."""
-    names = [_key_name(entry) for entry in path]
+    names = [key_name(entry) for entry in path]
     if names and names[0] == "params":
         names = names[1:]
     return "/".join(names)
