@@ -309,30 +309,48 @@ def _tensor_array(archive: _Archive, ref: _TensorRef, cache: dict[tuple, np.ndar
     return np.array(view, order="C", copy=True)
 
 
-def _materialise(obj: Any, convert: Any, seen: dict[int, Any]) -> Any:
-    """Replace placeholders in a nested structure (in place for lists and dicts)."""
-    if isinstance(obj, (_TensorRef, _StorageRef)):
-        return convert(obj)
-    if isinstance(obj, _StorageType):
-        raise CheckpointError("a storage type appears outside a storage reference")
+_KEEP = object()  # returned by a leaf function for "not a leaf: recurse into it"
+
+
+def _map_nested(obj: Any, leaf: Any, seen: dict[int, Any]) -> Any:
+    """Rebuild a nested structure with `leaf(x)` replacing the values it recognises.
+
+    Dicts and lists are updated in place, tuples rebuilt; shared containers stay shared.
+    """
+    replaced = leaf(obj)
+    if replaced is not _KEEP:
+        return replaced
     key = id(obj)
     if key in seen:
         return seen[key]
     if isinstance(obj, dict):
         seen[key] = obj
         for k in list(obj.keys()):
-            obj[k] = _materialise(obj[k], convert, seen)
+            obj[k] = _map_nested(obj[k], leaf, seen)
         return obj
     if isinstance(obj, list):
         seen[key] = obj
         for i, v in enumerate(obj):
-            obj[i] = _materialise(v, convert, seen)
+            obj[i] = _map_nested(v, leaf, seen)
         return obj
     if isinstance(obj, tuple):
-        out = tuple(_materialise(v, convert, seen) for v in obj)
+        out = tuple(_map_nested(v, leaf, seen) for v in obj)
         seen[key] = out
         return out
     return obj
+
+
+def _materialise(obj: Any, convert: Any, seen: dict[int, Any]) -> Any:
+    """Replace tensor/storage placeholders in a nested structure."""
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, (_TensorRef, _StorageRef)):
+            return convert(value)
+        if isinstance(value, _StorageType):
+            raise CheckpointError("a storage type appears outside a storage reference")
+        return _KEEP
+
+    return _map_nested(obj, leaf, seen)
 
 
 def _load_without_torch(path: str) -> Any:
@@ -367,33 +385,20 @@ def _load_without_torch(path: str) -> Any:
 
 def _torch_to_numpy(obj: Any, torch: Any, seen: dict[int, Any]) -> Any:
     """Nested torch objects -> the same structure with numpy arrays (bf16 via ml_dtypes)."""
-    if isinstance(obj, torch.Tensor):
-        tensor = obj.detach().cpu().contiguous()
-        if tensor.dtype == torch.bfloat16:
-            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-        return np.array(tensor.numpy(), order="C", copy=True)
-    if isinstance(obj, torch.storage.TypedStorage):
-        return _torch_to_numpy(torch.empty(0, dtype=obj.dtype).set_(obj), torch, seen)
-    if isinstance(obj, torch.UntypedStorage):
-        return np.frombuffer(bytes(obj), dtype=np.uint8).copy()
-    key = id(obj)
-    if key in seen:
-        return seen[key]
-    if isinstance(obj, dict):
-        seen[key] = obj
-        for k in list(obj.keys()):
-            obj[k] = _torch_to_numpy(obj[k], torch, seen)
-        return obj
-    if isinstance(obj, list):
-        seen[key] = obj
-        for i, v in enumerate(obj):
-            obj[i] = _torch_to_numpy(v, torch, seen)
-        return obj
-    if isinstance(obj, tuple):
-        out = tuple(_torch_to_numpy(v, torch, seen) for v in obj)
-        seen[key] = out
-        return out
-    return obj
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            if tensor.dtype == torch.bfloat16:
+                return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+            return np.array(tensor.numpy(), order="C", copy=True)
+        if isinstance(value, torch.storage.TypedStorage):
+            return leaf(torch.empty(0, dtype=value.dtype).set_(value))
+        if isinstance(value, torch.UntypedStorage):
+            return np.frombuffer(bytes(value), dtype=np.uint8).copy()
+        return _KEEP
+
+    return _map_nested(obj, leaf, seen)
 
 
 def _load_with_torch(path: str, torch: Any) -> Any:
