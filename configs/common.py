@@ -145,6 +145,7 @@ def schema() -> dict[str, Any]:
             tfds_data_dir="",
             num_workers=4,
             prefetch=2,
+            device_prefetch=2,
             skip_corrupt=False,
             generate_if_missing=False,
             synthetic_train=0,
@@ -417,3 +418,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}: float32 or bfloat16")
     if config.batch_size < 1:
         raise ConfigError(f"batch_size={config.batch_size} must be at least 1")
+    if d.device_prefetch < 0:
+        raise ConfigError(f"data.device_prefetch={d.device_prefetch} must be 0 or more")

@@ -287,3 +287,31 @@ def test_device_batches_match_host_batches():
         assert d["image"].dtype == np.float32 and d["label"].dtype == np.int32
         np.testing.assert_array_equal(np.asarray(d["image"]), h["image"])  # bit-exact
         np.testing.assert_array_equal(np.asarray(d["label"]), h["label"])
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_device_prefetch_keeps_stream_and_resume_position(ahead):
+    """Batches sent ahead to the devices are not counted as consumed: a state saved mid-way
+    resumes with the first batch not yet returned, the stream is the unbuffered one, and a
+    finite run returns its buffered batches before it stops."""
+    pytest.importorskip("jax")
+    from rankseg_jax import sharding as shd
+
+    sharding = shd.batch_sharding(shd.make_mesh(-1, 1))
+    source = FakeSource(12)
+    plain = pl.TrainIterator(source, dataclasses.replace(CFG, device_prefetch=0), sharding=sharding)
+    expected = take(plain, 6)
+    cfg = dataclasses.replace(CFG, device_prefetch=ahead)
+    it = pl.TrainIterator(source, cfg, sharding=sharding)
+    first = take(it, 2)
+    assert len(it._buffer) == ahead  # sent ahead, not returned
+    state = it.get_state()
+    assert state["step"] == 2
+    it.close()
+    resumed = pl.TrainIterator(source, cfg, sharding=sharding)
+    resumed.set_state(state)
+    assert_same_stream(first + take(resumed, 4), expected)
+    finite = pl.TrainIterator(source, cfg, sharding=sharding, num_steps=3)
+    assert_same_stream(take(finite, 3), expected[:3])
+    with pytest.raises(StopIteration):
+        next(finite)

@@ -3,13 +3,14 @@
 Policy (model.compute_dtype='bfloat16'; see benchmarks/README.md "Precision policy"): params
 and optimizer state float32; matmuls, convolutions and the residual stream in bfloat16;
 float32 islands: exact GELU (rounded back to bf16), LayerNorm statistics and outputs, softmax
-(attention scores after q·kᵀ), image-level logits (ml_fc) and their top-k, the cosine
-normalisation of the mask readout, mask_norm, the upsample before the loss, and the losses.
+(attention scores after q·kᵀ), RankSeg's whole image-level branch (pooled proj_dec, decoder
+block 0, decoder_norm2, ml_fc) and its top-k, the cosine normalisation of the mask readout,
+mask_norm, the upsample before the loss, and the losses.
 
 Tolerances: the issue's — over a demo-like run the bf16 mean loss of the last steps is within
 2 % of float32's, and the top-k class sets agree on ≥ 99 % of images. The fast test runs 20
 steps of a tiny model at lr 5e-4 (last 8 = two passes over its 4 batches averaged; measured
-0.3 %); the slow one the issue's 200 steps (last 50).
+0.3 %); the slow ones the issue's 200 demo steps (last 50).
 """
 
 from __future__ import annotations
@@ -74,31 +75,81 @@ def topk_sets(config, params, images):
     return np.sort(np.asarray(topk), axis=1)
 
 
-def check_bf16_tracks_float32(steps: int, last: int):
-    f32, bf16 = tiny_config("float32"), tiny_config("bfloat16")
-    batches = learnable_batches(4, f32.batch_size)  # few batches: a smooth loss curve
-    loss32, params32 = run(f32, batches, steps)
-    loss16, _ = run(bf16, batches, steps)
-    assert loss32[-last:].mean() < 0.8 * loss32[0], "the run must actually learn"
-    rel = abs(loss16[-last:].mean() - loss32[-last:].mean()) / loss32[-last:].mean()
-    assert rel < 0.02, f"bf16 last-{last} mean loss differs from float32's by {rel:.2%}"
-    images = jnp.concatenate([b["image"] for b in learnable_batches(25, 8, seed=1)])
-    agree = np.all(topk_sets(f32, params32, images) == topk_sets(bf16, params32, images), axis=1)
-    assert agree.mean() >= 0.99, f"top-k sets agree on only {agree.mean():.1%} of 200 images"
+def loss_gap(loss32: np.ndarray, loss16: np.ndarray, last: int) -> float:
+    """|mean bf16 − mean float32| / mean float32 over the last `last` steps."""
+    return abs(loss16[-last:].mean() - loss32[-last:].mean()) / loss32[-last:].mean()
+
+
+def topk_agreement(config32, config16, params, images) -> float:
+    """Share of images whose top-k class set is the same in float32 and bf16 (same params)."""
+    same = topk_sets(config32, params, images) == topk_sets(config16, params, images)
+    return float(np.all(same, axis=1).mean())
 
 
 def test_bf16_training_tracks_float32_short():
-    check_bf16_tracks_float32(steps=20, last=8)
+    f32, bf16 = tiny_config("float32"), tiny_config("bfloat16")
+    batches = learnable_batches(4, f32.batch_size)  # few batches: a smooth loss curve
+    loss32, params32 = run(f32, batches, 20)
+    loss16, _ = run(bf16, batches, 20)
+    assert loss32[-8:].mean() < 0.8 * loss32[0], "the run must actually learn"
+    assert loss_gap(loss32, loss16, 8) < 0.02
+    images = jnp.concatenate([b["image"] for b in learnable_batches(25, 8, seed=1)])
+    assert topk_agreement(f32, bf16, params32, images) >= 0.99
+
+
+# The issue's measurement: 200 steps of the demo (configs/demo.py: its model, k = 100, data
+# pipeline and optimizer), the same 200 batches for both dtypes, then the top-k sets of 200
+# further crops under the float32-trained params in each dtype.
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    from rankseg_jax.data import synthetic
+    from rankseg_jax.data.pipeline import PipelineConfig, TrainIterator
+    from rankseg_jax.data.sources import source_from_config
+
+    configs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = demo.get_config()
+        with config.unlocked():
+            config.data.update(num_workers=0, generate_if_missing=False)
+            config.model.compute_dtype = dtype
+        configs[dtype] = config
+    root = tmp_path_factory.mktemp("demo_data")
+    data_root = synthetic.generate_ade20k(root, configs["float32"].data.synthetic_train, 0)
+    for config in configs.values():
+        config.data.root = data_root
+    source = source_from_config(configs["float32"], "train")
+    pipeline_config = PipelineConfig.from_config(configs["float32"])
+    with TrainIterator(source, pipeline_config, process_index=0, process_count=1) as it:
+        batches = [next(it) for _ in range(225)]
+    images = jnp.concatenate([jnp.asarray(b["image"]) for b in batches[200:]])
+    loss32, params32 = run(configs["float32"], batches[:200], 200)
+    loss16, _ = run(configs["bfloat16"], batches[:200], 200)
+    return configs, loss32, loss16, params32, images
+
+
+@pytest.mark.slow
+def test_bf16_demo_200_steps_loss_within_2_percent(demo_runs):
+    _, loss32, loss16, _, _ = demo_runs
+    assert loss32[-50:].mean() < 0.6 * loss32[0], "the run must actually learn"
+    gap = loss_gap(loss32, loss16, 50)
+    print(f"bf16 vs float32, last-50 mean loss: {gap:.2%}")  # shown by pytest -s
+    assert gap < 0.02, f"bf16 last-50 mean loss differs from float32's by {gap:.2%}"
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 9 target not met yet: at 200 steps the loss is within 2 % but the top-k sets "
-    "agree on 94.5 % of images (near-tied tail classes around rank k flip under bf16)",
+    reason="issue 9 target missed: after 200 demo steps the float32 scores of the classes "
+    "around rank k = 100 lie within bf16 rounding of each other, and the sets agree on 82.5 % "
+    "of the 200 crops (measured 2026-11-30 on CPU)",
 )
-def test_bf16_training_tracks_float32_200_steps():
-    check_bf16_tracks_float32(steps=200, last=50)
+def test_bf16_demo_200_steps_topk_sets_agree_on_99_percent(demo_runs):
+    configs, _, _, params32, images = demo_runs
+    agree = topk_agreement(configs["float32"], configs["bfloat16"], params32, images)
+    print(f"top-k sets equal on {agree:.1%} of 200 crops")  # shown by pytest -s
+    assert agree >= 0.99, f"top-k sets agree on only {agree:.1%} of 200 images"
 
 
 # ------------------------------------------------------------------------- the float32 islands
@@ -141,7 +192,13 @@ def test_bf16_forward_keeps_float32_islands(bf16_model):
     norms = {k: v.dtype for k, v in by_name.items() if any(s in k for s in ("ln", "norm"))}
     assert norms and set(norms.values()) == {jnp.dtype(jnp.float32)}, norms
     denses = {k: v.dtype for k, v in by_name.items() if "qkv" in k or "fc1" in k}
-    assert denses and set(denses.values()) == {jnp.dtype(jnp.bfloat16)}, denses
+    image_branch = {k: v for k, v in denses.items() if "'decode_head']['blocks_0'" in k}
+    assert image_branch and set(image_branch.values()) == {jnp.dtype(jnp.float32)}, image_branch
+    pixel_path = {k: v for k, v in denses.items() if k not in image_branch}
+    assert pixel_path and set(pixel_path.values()) == {jnp.dtype(jnp.bfloat16)}, pixel_path
+    assert any("'decode_head']['blocks_1'" in k for k in pixel_path)
+    proj_dec = [v.dtype for k, v in by_name.items() if "proj_dec" in k]  # pooled, then pixels
+    assert proj_dec == [jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)], proj_dec
     assert any("mask_norm" in k for k in norms) and any("ml_fc" in k for k in by_name)
     assert by_name[next(k for k in by_name if "ml_fc" in k)].dtype == jnp.float32
 

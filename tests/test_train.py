@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -34,8 +35,28 @@ def final_params(config, workdir):
     return checkpoint.restore_params(workdir, expected_params(model, config))
 
 
+def record_device_reads(monkeypatch, steps_done) -> list[int]:
+    """Every read of a device array's value on this thread (`float(x)`, `np.asarray(x)`,
+    `jax.device_get`: all go through `ArrayImpl._value`), as the number of steps done then.
+    (The transfer guard cannot be used: it does not apply to the CPU backend.)"""
+    from jax._src.array import ArrayImpl
+
+    reads, original, thread = [], ArrayImpl._value, threading.get_ident()
+
+    def value(self):
+        if threading.get_ident() == thread:
+            reads.append(steps_done())
+        return original.fget(self)
+
+    monkeypatch.setattr(ArrayImpl, "_value", property(value))
+    return reads
+
+
 def test_train_step_compiles_once(synthetic_ade, tmp_path, monkeypatch):
-    """20 steps with log, eval and checkpoint steps: the step compiles exactly once."""
+    """20 steps with log, eval and checkpoint steps: the step compiles exactly once, and the
+    loop reads nothing back from the devices implicitly (a `float(x)` or `np.asarray(x)` on a
+    device value would be a hidden host sync): values are read back only at the log, eval and
+    checkpoint steps."""
     config = tiny_train_config(synthetic_ade, steps=20)
     with config.unlocked():
         config.logging.every_steps = 5
@@ -57,9 +78,11 @@ def test_train_step_compiles_once(synthetic_ade, tmp_path, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(train_lib, "compile_train_step", counting)
+    reads = record_device_reads(monkeypatch, lambda: len(calls))
     results = train_lib.train_and_evaluate(config, str(tmp_path))
     assert len(calls) == 20
     assert len(compiles) == 1, compiles
+    assert reads and set(reads) <= {0, 5, 10, 15, 20}, sorted(set(reads))  # 0: restore/setup
     assert checkpoint.latest_step(tmp_path) == 20
     assert 0.0 <= results["mIoU"] <= 1.0
 

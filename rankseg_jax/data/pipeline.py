@@ -52,6 +52,7 @@ Process p at step s gets dataset indices (s*P + p)*B + b; every process runs the
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -105,6 +106,7 @@ class PipelineConfig:
     eval_scales: tuple[float, ...] = (1.0,)
     num_workers: int = 0
     prefetch: int = 2
+    device_prefetch: int = 2
     skip_corrupt: bool = False
 
     @classmethod
@@ -130,6 +132,7 @@ class PipelineConfig:
             eval_scales=tuple(float(r) for r in config["eval"]["scales"]),
             num_workers=int(d["num_workers"]),
             prefetch=int(d["prefetch"]),
+            device_prefetch=int(d["device_prefetch"]),
             skip_corrupt=bool(d["skip_corrupt"]),
         )
 
@@ -333,6 +336,11 @@ class TrainIterator:
     (B, ch, cw) ignore-padded): global arrays on `sharding` (B = global batch), or process-local
     numpy arrays when `sharding` is None. `positions` holds the last batch's local global
     positions (int64 (L,)); `num_skipped` counts replaced corrupt records.
+
+    With a sharding, `cfg.device_prefetch` batches beyond the one returned are already sent to
+    the devices (transfers and normalisation are asynchronous, so they overlap the running
+    step). `step` and `get_state()` count only the batches returned: a checkpoint never skips
+    the buffered ones, which are sent again after a resume.
     """
 
     def __init__(
@@ -359,6 +367,7 @@ class TrainIterator:
         self._lut = transforms.normalize_lut(cfg.mean, cfg.std)
         self._normalize_fn = None
         self._iter: Any = None
+        self._buffer: collections.deque = collections.deque()
         steps_per_epoch(len(source), cfg.global_batch)  # fail early on a too-small dataset
         process_slots(cfg.global_batch, process_index, process_count)
         if sharding is not None:
@@ -383,16 +392,33 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        local = next(self._ensure_iter())
+        ahead = self.cfg.device_prefetch if self.sharding is not None else 0
+        while len(self._buffer) <= ahead and self._produce():
+            pass
+        if not self._buffer:
+            raise StopIteration
+        batch, local = self._buffer.popleft()
         self.step += 1
         if local["skipped"]:
             self.num_skipped += len(local["skipped"])
             for reason in local["skipped"]:
                 log.warning("step %d: replaced corrupt record: %s", self.step - 1, reason)
         self.positions = local["position"]
+        return batch
+
+    def _produce(self) -> bool:
+        """Read the next host batch and queue it (sent to the devices); False when exhausted."""
+        try:
+            local = next(self._ensure_iter())
+        except StopIteration:
+            return False
         if self.sharding is None:
-            return dict(image=self._normalize_host(local), label=local["label"])
-        return self._to_device(local)
+            batch = dict(image=self._normalize_host(local), label=local["label"])
+        else:
+            batch = self._to_device(local)
+        info = dict(skipped=local["skipped"], position=local["position"])
+        self._buffer.append((batch, info))
+        return True
 
     def _normalize_host(self, local: Mapping[str, np.ndarray]) -> np.ndarray:
         image = self._lut[local["image"], np.arange(3)]
@@ -451,6 +477,7 @@ class TrainIterator:
 
     def close(self) -> None:
         """Stop the worker processes (a later `next` restarts them at the current step)."""
+        self._buffer.clear()  # not yet returned: re-read from `step` on the next `next`
         if self._iter is not None:
             close = getattr(self._iter, "close", None)
             if close is not None:

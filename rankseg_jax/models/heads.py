@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rankseg_jax.models.layers import HEAD_INIT, DecoderBlock, Dtype, layer_norm
+from rankseg_jax.models.layers import DecoderBlock, DenseAt, Dtype, layer_norm
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -75,15 +75,15 @@ class _MaskDecoderBase(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
 
-    def block(self, j: int) -> DecoderBlock:
+    def block(self, j: int, dtype: Dtype | None = None) -> DecoderBlock:
         rate = self.drop_path_rate * j / max(self.n_layers - 1, 1)
         return DecoderBlock(
-            self.num_heads, self.mlp_dim, self.dropout, rate, self.dtype, self.attention_impl,
-            name=f"blocks_{j}",
+            self.num_heads, self.mlp_dim, self.dropout, rate, dtype or self.dtype,
+            self.attention_impl, name=f"blocks_{j}",
         )  # fmt: skip
 
-    def proj_dec(self) -> nn.Dense:
-        return nn.Dense(self.width, dtype=self.dtype, kernel_init=HEAD_INIT, name="proj_dec")
+    def proj_dec(self) -> DenseAt:
+        return DenseAt(self.width, name="proj_dec")
 
     def class_embedding(self, batch: int, backbone_cls: jax.Array | None) -> jax.Array:
         if self.cls_from_backbone:
@@ -109,7 +109,7 @@ class MaskTransformerHead(_MaskDecoderBase):
     @nn.compact
     def __call__(self, feats, backbone_cls=None, train: bool = False, gt_labels=None) -> dict:
         b, h, w, _ = feats.shape
-        x = self.proj_dec()(flatten(feats))
+        x = self.proj_dec()(flatten(feats), self.dtype)
         x = jnp.concatenate([x, self.class_embedding(b, backbone_cls).astype(x.dtype)], axis=1)
         for j in range(self.n_layers):
             x = self.block(j)(x, not train)
@@ -140,6 +140,9 @@ class RankSegHead(_MaskDecoderBase):
     Block 0 runs on [8×8 pooled tokens, n_cls class tokens] and feeds `ml_fc`; the top-k
     normalised class tokens (static k, ties to the lower class id, float32) are then decoded
     with the full-resolution pixel tokens; `mask_norm` is a LayerNorm over the k rank slots.
+    The image-level branch (pooled proj_dec, block 0, decoder_norm2, ml_fc) always computes in
+    float32: it is ~1 % of the step's FLOPs, and bf16 rounding there flips near-tied ranks at
+    the k boundary (tests/test_precision.py measures how often).
     """
 
     k: int = 50
@@ -149,10 +152,10 @@ class RankSegHead(_MaskDecoderBase):
     def __call__(self, feats, backbone_cls=None, train: bool = False, gt_labels=None) -> dict:
         b, h, w, _ = feats.shape
         proj_dec = self.proj_dec()
-        pooled = proj_dec(flatten(adaptive_avg_pool(feats, self.downsample)))
-        pixels = proj_dec(flatten(feats))
-        cls = self.class_embedding(b, backbone_cls).astype(pooled.dtype)
-        seq = self.block(0)(jnp.concatenate([pooled, cls], axis=1), not train)
+        pooled = proj_dec(flatten(adaptive_avg_pool(feats, self.downsample)), jnp.float32)
+        pixels = proj_dec(flatten(feats), self.dtype)
+        cls = self.class_embedding(b, backbone_cls).astype(jnp.float32)
+        seq = self.block(0, jnp.float32)(jnp.concatenate([pooled, cls], axis=1), not train)
         cls_ml = layer_norm(1e-5, "decoder_norm2")(seq[:, -self.n_cls :])
         img_logits = GroupWiseLinear(self.n_cls, self.width, name="ml_fc")(cls_ml)
         _, topk = jax.lax.top_k(jax.lax.stop_gradient(img_logits), self.k)
@@ -213,7 +216,7 @@ class GTHead(_MaskDecoderBase):
         b, h, w, _ = feats.shape
         ids, valid = gt_class_slots(gt_labels, self.n_cls, self.k)
         cls = jnp.take(self.class_embedding(b, None)[0], jnp.maximum(ids, 0), axis=0)
-        x = self.proj_dec()(flatten(feats))
+        x = self.proj_dec()(flatten(feats), self.dtype)
         x = jnp.concatenate([x, cls.astype(x.dtype)], axis=1)
         key_mask = jnp.concatenate([jnp.ones((b, h * w), bool), valid], axis=1)
         for j in range(self.n_layers):

@@ -39,6 +39,24 @@ def gelu(x: jax.Array) -> jax.Array:
     return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * (2**-0.5)))).astype(x.dtype)
 
 
+class DenseAt(nn.Module):
+    """A Dense layer (float32 params) whose compute dtype is chosen per call.
+
+    RankSeg's `proj_dec` feeds both the pooled tokens of the image-level branch (float32 under
+    the bf16 policy) and the pixel tokens (bf16); one module keeps the one checkpoint entry.
+    Same numerics as `nn.Dense(dtype=dtype)`: x (..., D_in) → (..., features) in `dtype`.
+    """
+
+    features: int
+    kernel_init: Any = HEAD_INIT
+
+    @nn.compact
+    def __call__(self, x: jax.Array, dtype: Dtype) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops whole residual branches per sample, scales kept ones by 1/(1-p)."""
 

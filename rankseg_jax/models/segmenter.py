@@ -80,8 +80,8 @@ def create_model(model_config: ml_collections.ConfigDict) -> Segmenter:
 
     Precision policy of `compute_dtype='bfloat16'`: params (and so optimizer state) stay
     float32; matmuls, convolutions and the residual stream run in bfloat16; GELU (computed in
-    float32, rounded back), LayerNorm
-    statistics and outputs, attention scores and softmax, image logits (`ml_fc`) and their
+    float32, rounded back), LayerNorm statistics and outputs, attention scores and softmax,
+    RankSeg's image-level branch (pooled proj_dec, block 0, decoder_norm2, ml_fc) and its
     top-k, the cosine normalisation, `mask_norm`, the upsample before the loss and the losses
     are float32 (checked by tests/test_precision.py; benchmarks/README.md).
     """
