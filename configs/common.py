@@ -144,8 +144,8 @@ def schema() -> dict[str, Any]:
             source="directory",
             tfds_data_dir="",
             num_workers=4,
-            prefetch=2,
-            device_prefetch=2,
+            prefetch=2,  # host batches buffered per grain worker
+            device_prefetch=2,  # batches already sent to the devices beyond the current one
             skip_corrupt=False,
             generate_if_missing=False,
             synthetic_train=0,
