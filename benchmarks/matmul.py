@@ -11,24 +11,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
-from common import emit, pin_cores  # type: ignore[import-not-found]
+from common import emit, pin_cores, time_calls  # type: ignore[import-not-found]
 
 # (M, K, N) of qkv, mlp fc1, mlp fc2 and the attention output projection at B = 2, N = 257.
 SHAPES = ((514, 384, 1152), (514, 384, 1536), (514, 1536, 384), (514, 384, 384))
-
-
-def median_ms(fn, calls: int) -> float:
-    import statistics
-
-    fn(), fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -47,12 +34,10 @@ def main(argv=None) -> None:
     for m, k, n in SHAPES:
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
-        xla = median_ms(
-            functools.partial(lambda x, y: matmul(x, y).block_until_ready(), ja, jb), args.calls
-        )
-        ref = median_ms(
-            functools.partial(torch.matmul, torch.tensor(a), torch.tensor(b)), args.calls
-        )
+        xla_call = functools.partial(lambda x, y: matmul(x, y).block_until_ready(), ja, jb)
+        torch_call = functools.partial(torch.matmul, torch.tensor(a), torch.tensor(b))
+        xla = 1e3 * time_calls(xla_call, args.calls, warmup=2)["median_s"]
+        ref = 1e3 * time_calls(torch_call, args.calls, warmup=2)["median_s"]
         gflop = 2 * m * k * n / 1e9
         emit(
             dict(
