@@ -29,6 +29,23 @@ def official() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def official_family() -> pathlib.Path:
+    """The conv-head family fixtures (DeepLabV3, UperNet-Swin, UperNet-BEiT), next to `official`.
+
+    $RANKSEG_FAMILY_FIXTURES, default ../shared/fixtures/official_family; like `official`, fails
+    under CI=true when missing and skips visibly elsewhere.
+    """
+    default = REPO.parent / "shared" / "fixtures" / "official_family"
+    path = pathlib.Path(os.environ.get("RANKSEG_FAMILY_FIXTURES", default))
+    if not (path / "README.md").exists():
+        message = f"family fixtures not found at {path} (set RANKSEG_FAMILY_FIXTURES)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
 def torch():
     """torch, or a visible skip when it is not installed (it is optional for the package)."""
     return pytest.importorskip("torch")
