@@ -74,7 +74,8 @@ def apply_cpu_target(args) -> None:
 
 def load_config(args):
     """The config of --config with the flag overrides applied (configs are not edited)."""
-    from configs import common
+    from rankseg_jax import recipes
+    from rankseg_jax.models import segmenter
 
     path, _, arg = args.config.partition(":")
     module = _import_path(ROOT / path if not os.path.isabs(path) else pathlib.Path(path))
@@ -86,7 +87,7 @@ def load_config(args):
             m.width = m.depth = m.num_heads = m.mlp_dim = 0
             m.dec_width = m.dec_heads = m.dec_mlp_dim = 0
         if args.head:
-            m.head = args.head
+            m.classifier = recipes.classifier(args.head)
             m.dec_layers = 3 if args.head == "rankseg" else 2
             m.k = min(m.k, m.n_cls) if args.head == "rankseg" else m.n_cls
         if args.resolution:
@@ -104,7 +105,7 @@ def load_config(args):
         if args.dropout is not None:
             m.dropout = args.dropout
             m.drop_path_rate = 0.0 if args.dropout == 0.0 else m.drop_path_rate
-    common.vit_dims(m)
+    segmenter.vit_dims(m)
     return config
 
 

@@ -1,6 +1,7 @@
 """Sliding-window evaluation throughput on generated ADE-sized images held in memory as uint8.
 
-The timed path is the project's `evaluate.evaluate`: keep-ratio rescale to the test scale,
+The timed path is the project's one evaluation loop (`evaluation.run_evaluation`, as training,
+--mode=eval and the notebook run it): the eval pipeline's keep-ratio rescale to the test scale,
 normalise, fixed-size window batches, canvas merge, bilinear resize back to the original size,
 argmax and the per-image confusion counts (mIoU), with compilations counted. Compilation is
 excluded by a warm-up pass over one image of each size. JPEG decoding (cv2, one core) is
@@ -101,17 +102,19 @@ def make_inferencer(config, params=None):
 
 
 def run_jax(args, config, segmentor, examples) -> dict:
-    from rankseg_jax import evaluate
+    from rankseg_jax import evaluation, inference
 
-    _, kwargs = evaluate.settings_from_config(config)
-    kwargs.update(max_images=0, progress=False)
-    inferencer = segmentor.inferencer
-    warm = examples[: len(ADE_SIZES)]
+    config = config.copy_and_resolve_references()
+    config.eval.max_images = 0
+    config.data.num_workers = 0  # in-memory examples: no worker processes to feed
+    warm = evaluation.ArraySource(examples[: len(ADE_SIZES)])
     t0 = time.perf_counter()
-    evaluate.evaluate(inferencer, warm, **kwargs)
+    evaluation.run_evaluation(segmentor, config, warm, progress=False)
     warmup_s = time.perf_counter() - t0
-    with evaluate.count_compilations() as compiles:
-        result = evaluate.evaluate(inferencer, examples, **kwargs)
+    with inference.count_compilations() as compiles:
+        result = evaluation.run_evaluation(
+            segmentor, config, evaluation.ArraySource(examples), progress=False
+        )
     return dict(
         benchmark="eval",
         framework="jax",
@@ -130,9 +133,9 @@ def torch_predict(ref, config, image, label_shape):
     import numpy as np
     import torch
 
-    from rankseg_jax import evaluate
+    from rankseg_jax import inference
 
-    (view, _), = evaluate.image_passes(
+    (view, _), = inference.image_passes(
         image, mean=config.data.mean, std=config.data.std, test_scale=config.data.test_scale
     )  # fmt: skip
     x = torch.from_numpy(view.transpose(2, 0, 1)[None].copy())
@@ -172,7 +175,7 @@ def main(argv=None) -> None:
             config.eval.window_batch = args.window_batch
     examples = generated_images(args.images, config.model.n_cls, args.seed)
     env = dict(
-        cores=cores, variant=config.model.variant, head=config.model.head, crop=list(crop),
+        cores=cores, variant=config.model.variant, head=config.model.classifier, crop=list(crop),
         dtype=config.model.compute_dtype, window_batch=config.eval.window_batch,
         **device_info(), **versions(),
     )  # fmt: skip
@@ -181,7 +184,7 @@ def main(argv=None) -> None:
         import torch
         import train_step  # type: ignore[import-not-found]
 
-        from rankseg_jax import evaluate
+        from rankseg_jax import inference
         from rankseg_jax.models.segmenter import create_model
 
         torch.set_num_threads(args.threads or 1)
@@ -191,7 +194,7 @@ def main(argv=None) -> None:
         segmentor = make_inferencer(config, params)
         image, label = examples[0]
         want = torch_predict(ref, config, image, label.shape)
-        passes = evaluate.image_passes(
+        passes = inference.image_passes(
             image, mean=config.data.mean, std=config.data.std, test_scale=config.data.test_scale
         )
         got = segmentor.inferencer.predict_passes(passes, label.shape).pred

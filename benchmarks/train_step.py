@@ -143,16 +143,17 @@ class JaxBench:
 
 def torch_model(config, seed: int):
     """The reference architecture of `config` with SDPA attention and seeded weights."""
-    from configs import common
-    from rankseg_jax.testing import torch_reference as tr
-    from rankseg_jax.testing.torch_sdpa import count_sdpa_modules, use_sdpa_
+    from rankseg_jax.models import segmenter
+    from rankseg_testing import torch_reference as tr
+    from rankseg_testing.torch_sdpa import count_sdpa_modules, use_sdpa_
 
-    m, dims = config.model, common.vit_dims(config.model)
-    if m.oce or m.head == "gt":
+    m, dims = config.model, segmenter.vit_dims(config.model)
+    head = "mask" if m.classifier == "full" else m.classifier  # the reference's names
+    if m.oce or m.classifier == "gt":
         raise BenchmarkError("--compare-torch supports the mask and rankseg heads without OCE")
     ref = tr.build_segmenter(
         tr.SegmenterConfig(
-            head=m.head, img_size=tuple(m.img_size), patch_size=m.patch_size,
+            head=head, img_size=tuple(m.img_size), patch_size=m.patch_size,
             embed_dims=dims["width"], num_layers=dims["depth"], num_heads=dims["num_heads"],
             mlp_ratio=dims["mlp_dim"] // dims["width"], drop_path_rate=m.drop_path_rate,
             n_cls=m.n_cls, d_model=dims["dec_width"], head_layers=dims["dec_layers"],
@@ -254,7 +255,7 @@ def base_record(args, config, kind: str, framework: str) -> dict:
         benchmark=kind,
         framework=framework,
         variant=m.variant,
-        head=m.head,
+        head=m.classifier,
         resolution=list(m.img_size),
         batch=config.batch_size,
         dtype=m.compute_dtype if framework == "jax" else "float32",

@@ -6,15 +6,15 @@ preparation writes uint16 labels where 255 is a real class). Args: head=rankseg|
 
 import ml_collections
 
-from configs import common
+from rankseg_jax import recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, head="rankseg", runlocal=False)
+    arg = recipes.parse_arg(arg, head="rankseg", runlocal=False)
     if arg.head == "gt":
-        raise common.ConfigError("ade20k_full has no GT-oracle row")
+        raise recipes.ConfigError("ade20k_full has no GT-oracle row")
     rankseg = arg.head == "rankseg"
-    return common.segmenter_config(
+    return recipes.segmenter_config(
         "ade20k_full",
         variant="B/16",
         head=arg.head,

@@ -11,13 +11,13 @@ runlocal. Examples:
 
 import ml_collections
 
-from configs import common
+from rankseg_jax import recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, variant="B/16", head="rankseg", oce=False, runlocal=False)
+    arg = recipes.parse_arg(arg, variant="B/16", head="rankseg", oce=False, runlocal=False)
     size = 640 if arg.variant == "L/16" else 512
-    return common.segmenter_config(
+    return recipes.segmenter_config(
         "ade20k",
         variant=arg.variant,
         head=arg.head,

@@ -7,20 +7,20 @@ The ViT-B RankSeg configs leave loss_img out in the reference and so train with 
 
 import ml_collections
 
-from configs import common
+from rankseg_jax import recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(
+    arg = recipes.parse_arg(
         arg, variant="B/16", head="rankseg", iters=40_000, oce=False, runlocal=False
     )
     if arg.iters not in (40_000, 80_000):
-        raise common.ConfigError(f"iters={arg.iters}: the reference trains 40000 or 80000")
+        raise recipes.ConfigError(f"iters={arg.iters}: the reference trains 40000 or 80000")
     if arg.variant == "L/16" and arg.iters != 40_000:
-        raise common.ConfigError("variant=L/16 has only a 40000-iteration row")
+        raise recipes.ConfigError("variant=L/16 has only a 40000-iteration row")
     large = arg.variant == "L/16"
     size = 640 if large else 512
-    return common.segmenter_config(
+    return recipes.segmenter_config(
         "coco_stuff10k",
         variant=arg.variant,
         head=arg.head,

@@ -24,14 +24,14 @@ so that a from-scratch model learns within minutes on 2 CPU cores):
 
 import ml_collections
 
-from configs import common
+from rankseg_jax import recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, head="rankseg", runlocal=False)
+    arg = recipes.parse_arg(arg, head="rankseg", runlocal=False)
     if arg.head not in ("rankseg", "mask"):
-        raise common.ConfigError(f"demo head={arg.head!r}: rankseg or mask")
-    data = common.dataset_overrides("synthetic_ade20k")
+        raise recipes.ConfigError(f"demo head={arg.head!r}: rankseg or mask")
+    data = recipes.data_overrides("synthetic_ade20k")
     data.update(
         crop_size=(64, 64),
         img_scale=(512, 128),
@@ -44,13 +44,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         synthetic_val=50,
     )
     steps = 700 if arg.runlocal else 3000
-    return common.with_defaults(
+    return recipes.with_defaults(
         dict(
             batch_size=8,
             total_steps=steps,
             model=dict(
                 variant="custom",
-                head=arg.head,
+                classifier=recipes.classifier(arg.head),
                 width=128,
                 depth=4,
                 num_heads=4,

@@ -7,15 +7,15 @@ multi-scale + flip (its test pipeline); `msflip` turns that on here, single scal
 
 import ml_collections
 
-from configs import common
+from rankseg_jax import recipes
 
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = common.parse_arg(arg, head="rankseg", msflip=False, runlocal=False)
+    arg = recipes.parse_arg(arg, head="rankseg", msflip=False, runlocal=False)
     rankseg = arg.head == "rankseg"
-    return common.segmenter_config(
+    return recipes.segmenter_config(
         "pascal_context",
         variant="B/16",
         head=arg.head,

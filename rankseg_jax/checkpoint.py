@@ -18,11 +18,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from rankseg_jax.errors import CheckpointNotFoundError
+
 BEST_METRIC = "mIoU"
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """No checkpoint where one was asked for."""
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 
+import jax
+
+from rankseg_jax.errors import UserError
+
 CLUSTER_HINTS = {
     "JAX_COORDINATOR_ADDRESS": "JAX_COORDINATOR_ADDRESS is set",
     "TPU_WORKER_HOSTNAMES": "a TPU pod (TPU_WORKER_HOSTNAMES)",
     "MEGASCALE_COORDINATOR_ADDRESS": "a multi-slice TPU job",
 }
-
-
-class DistributedInitError(RuntimeError):
-    """jax.distributed.initialize() was required and failed."""
 
 
 def detect_cluster(env: dict | None = None) -> str | None:
@@ -48,12 +48,11 @@ def maybe_initialize(mode: str) -> str:
     reason = detect_cluster() if mode == "auto" else ("asked for" if mode == "on" else None)
     if reason is None:
         return "single process (no cluster detected)" if mode == "auto" else "off"
-    import jax
 
     try:
         jax.distributed.initialize()
     except Exception as exc:  # noqa: BLE001 - any failure must stop the run
-        raise DistributedInitError(
+        raise UserError(
             f"jax.distributed.initialize() failed ({reason}): {exc}; "
             "refusing to train alone into a shared workdir (use --distributed=off to override)"
         ) from exc

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from rankseg_jax.models import segmenter
 
 
 def block_macs(tokens: int, width: int, mlp: int) -> int:
@@ -54,18 +54,18 @@ def rankseg_head_macs(
 
 def forward_flops(model: ml_collections.ConfigDict, image_hw: tuple[int, int]) -> dict:
     """{'encoder', 'decoder', 'forward', 'train_step'} model FLOPs per image of size image_hw."""
-    dims = common.vit_dims(model)
+    dims = segmenter.vit_dims(model)
     p = model.patch_size
     grid = (-(-image_hw[0] // p), -(-image_hw[1] // p))
     n = grid[0] * grid[1]
     enc = encoder_macs(grid, dims["width"], dims["depth"], dims["mlp_dim"], p)
     d, mlp, layers = dims["dec_width"], dims["dec_mlp_dim"], dims["dec_layers"]
-    if model.head == "rankseg":
+    if model.classifier == "rankseg":
         dec = rankseg_head_macs(
             n, d, mlp, model.n_cls, model.k, layers, model.downsample**2, dims["width"]
         )
     else:
-        slots = model.k if model.head == "gt" else model.n_cls
+        slots = model.k if model.classifier == "gt" else model.n_cls
         dec = mask_head_macs(n, d, mlp, slots, layers, dims["width"])
     fwd = 2 * (enc + dec)
     return dict(encoder=2 * enc, decoder=2 * dec, forward=fwd, train_step=3 * fwd)

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from configs.common import ConfigError
+from rankseg_jax.errors import ConfigError
 
 IMG_LOSSES = ("asl", "bce")
 # Every key a head can log, in the reference's order.
@@ -322,7 +322,7 @@ def loss_terms(
         top-k metrics, no image loss.
     labels (B, H, W) int, the augmented crop label; the slot logits are upsampled to its size.
     `loss_config` needs img_loss, img_loss_weight, gamma_neg, gamma_pos, clip, eps,
-    seg_loss_weight (configs/common.py `loss`).
+    seg_loss_weight (the config schema's `loss`, rankseg_jax/config.py).
 
     Reductions follow the reference: loss_seg and acc_seg are means over all B·H·W pixels (=
     the mean of the per-image values, all crops having one size), loss_img the mean over

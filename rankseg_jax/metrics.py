@@ -29,12 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rankseg_jax.errors import InputError
+
 # Rows of a counts array (3, n_cls): intersection, prediction, ground truth.
 INTERSECT, PRED, LABEL = 0, 1, 2
-
-
-class MetricsError(ValueError):
-    """Inputs to a metric that cannot be scored (shape or class-count mismatch)."""
 
 
 def intersect_and_union(
@@ -145,7 +143,7 @@ class MeanIoU:
 
     def __init__(self, n_cls: int, class_names: Sequence[str] | None = None) -> None:
         if class_names is not None and len(class_names) != n_cls:
-            raise MetricsError(f"class_names has {len(class_names)} names for n_cls={n_cls}")
+            raise InputError(f"class_names has {len(class_names)} names for n_cls={n_cls}")
         self.n_cls = n_cls
         self.class_names = list(class_names) if class_names else [str(c) for c in range(n_cls)]
         self.counts = np.zeros((3, n_cls), np.int64)
@@ -155,7 +153,7 @@ class MeanIoU:
         """Add a (3, n_cls) counts array (device int32 or host ints), summing in int64."""
         counts = np.asarray(counts).astype(np.int64)
         if counts.shape != (3, self.n_cls):
-            raise MetricsError(f"counts must have shape (3, {self.n_cls}), got {counts.shape}")
+            raise InputError(f"counts must have shape (3, {self.n_cls}), got {counts.shape}")
         self.counts += counts
         self.num_images += num_images
 

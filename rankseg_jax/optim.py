@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from configs.common import ConfigError
 from rankseg_jax.convert import mmseg
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.sharding import key_name
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -186,13 +186,13 @@ def make_optimizer(
     """The optax transformation for a full config (see the module docstring).
 
     Reads optimizer.{name, lr, momentum, weight_decay, decay_mult, grad_clip_norm,
-    grad_accum_steps}, schedule.*, total_steps, and model.head (for the GT head's mask_norm
+    grad_accum_steps}, schedule.*, total_steps, and model.classifier (for the GT head's mask_norm
     names, unless `gt_head` is given). Call `update(grads, state, params)`: the weight decay
     needs the params.
     """
     opt = config.optimizer
     if gt_head is None:
-        gt_head = config.model.head == "gt"
+        gt_head = config.model.classifier == "gt"
     schedule = make_schedule(config)
     decay = add_per_leaf_weight_decay(float(opt.weight_decay), opt.decay_mult, gt_head)
     if opt.name == "sgd":

@@ -37,15 +37,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import jax
+import cv2
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
-from rankseg_jax import evaluate, visualize
-from rankseg_jax.checkpoint import CheckpointNotFoundError
-from rankseg_jax.data.base import DatasetError
-from rankseg_jax.errors import USER_ERRORS
-from rankseg_jax.segmentor import Segmentor
+from rankseg_jax import inference, visualize
+from rankseg_jax.data import imageio, synthetic
+from rankseg_jax.errors import CheckpointNotFoundError, DatasetError, InputError
+from rankseg_jax.segmentor import Segmentor, check_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 DEMO_IMAGES = 4
@@ -53,10 +53,6 @@ FIGURE_TOPK = 12
 JSON_TOPK_NO_RANKSEG = 20
 CONTACT_SHEET_MAX = 48
 SUBDIRS = ("labels", "color", "overlay", "json", "figures")
-
-
-class PredictError(ValueError):
-    """A predict input that cannot work (no images, no weights); the message says what."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -67,7 +63,7 @@ def find_images(spec: str) -> list[pathlib.Path]:
     """The image files `spec` names: a file, a folder's images (sorted) or a glob's matches.
 
     A file given by name is used whatever its suffix; folders and globs keep IMAGE_SUFFIXES.
-    Raises PredictError when nothing matches.
+    Raises InputError when nothing matches.
     """
     path = pathlib.Path(spec).expanduser()
     if path.is_file():
@@ -80,9 +76,9 @@ def find_images(spec: str) -> list[pathlib.Path]:
         found = sorted(pathlib.Path(p) for p in matches if os.path.isfile(p) and _is_image_name(p))
         where = f"glob {spec!r}"
     else:
-        raise PredictError(f"predict.input={spec}: no such file or folder")
+        raise InputError(f"predict.input={spec}: no such file or folder")
     if not found:
-        raise PredictError(
+        raise InputError(
             f"predict.input: no images in {where} (looked for {', '.join(IMAGE_SUFFIXES)})"
         )
     return found
@@ -115,15 +111,15 @@ def load_segmentor(
 ) -> Segmentor:
     """The workdir's latest checkpoint, else `init_from`; else random init if `allow_random`.
 
-    Without weights and without `allow_random`, raises PredictError with one line.
+    Without weights and without `allow_random`, raises InputError with one line.
     """
-    if config.model.head == "gt":
-        raise PredictError("model.head='gt' needs ground-truth labels; predict needs a real head")
+    if config.model.classifier == "gt":
+        raise InputError("model.classifier='gt' needs ground-truth labels; predict cannot run it")
     try:
         return Segmentor.from_workdir(config, workdir)
     except CheckpointNotFoundError as err:
         if not allow_random:
-            raise PredictError(f"predict: {err}") from None
+            raise InputError(f"predict: {err}") from None
     print(
         f"WARNING: no checkpoint in {workdir} and no init_from: predicting with the model's "
         f"seeded random initialisation (seed {config.seed}); the pictures show an untrained "
@@ -138,10 +134,6 @@ def load_segmentor(
 def demo_inputs(config: ml_collections.ConfigDict, folder: str | os.PathLike) -> list[str]:
     """Write DEMO_IMAGES generated validation images (the first ones of the generated
     dataset with the config's `data.synthetic_val_seed`) as JPEGs into `folder`."""
-    import cv2
-
-    from rankseg_jax.data import synthetic
-
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -149,7 +141,7 @@ def demo_inputs(config: ml_collections.ConfigDict, folder: str | os.PathLike) ->
         image, _ = synthetic.make_example(int(config.data.synthetic_val_seed), 1, i, 128, 256)
         path = folder / f"ADE_val_{i + 1:08d}.jpg"
         if not cv2.imwrite(str(path), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90]):
-            raise PredictError(f"cannot write the demo image {path}")
+            raise InputError(f"cannot write the demo image {path}")
         paths.append(str(path))
     return paths
 
@@ -173,36 +165,34 @@ class ImagePrediction:
 class Predictor:
     """A Segmentor plus the image-level class scores that the pictures rank.
 
-    The label map is the config's test inference (`Segmentor.predict`: rescale, sliding
-    windows, scales, flip). The image-level scores come from the same windows of the
-    unflipped scale-1.0 pass: RankSeg's sigmoid class scores, max over windows (a class
-    anywhere in the image ranks high); for the mask head (no image-level classifier) the mean
-    softmax probability of the window pixels, averaged over windows.
+    The label map is the config's test inference (as `Segmentor.predict`: rescale, sliding
+    windows, scales, flip). The image-level scores come from the same model calls, on the
+    windows of the unflipped scale-1.0 pass: RankSeg's sigmoid class scores, max over windows
+    (a class anywhere in the image ranks high); for the mask head (no image-level classifier)
+    the mean softmax probability of the window pixels, averaged over windows.
     """
 
     def __init__(self, segmentor: Segmentor) -> None:
-        if segmentor.config.model.head == "gt":
-            raise PredictError("model.head='gt' needs ground-truth labels; predict cannot run it")
+        if segmentor.config.model.classifier == "gt":
+            raise InputError("model.classifier='gt' needs ground-truth labels to predict")
         self.segmentor = segmentor
         self.config = segmentor.config
-        self.settings, self.kwargs = evaluate.settings_from_config(self.config)
+        self.settings, self.kwargs = inference.settings_from_config(self.config)
+        self.rankseg = self.config.model.classifier == "rankseg"
+        self.score_kind = (
+            "RankSeg image-level score (sigmoid, max over windows)"
+            if self.rankseg
+            else "mean pixel probability (no image-level classifier)"
+        )
         model = segmentor.model
-        self.rankseg = self.config.model.head == "rankseg"
-        if self.rankseg:
-            self.score_kind = "RankSeg image-level score (sigmoid, max over windows)"
-
-            def scores(params, windows):
-                logits, _ = model.apply({"params": params}, windows, method=model.class_scores)
-                return jax.nn.sigmoid(logits.astype(np.float32))
-
-        else:
-            self.score_kind = "mean pixel probability (no image-level classifier)"
-
-            def scores(params, windows):
-                logits = model.apply({"params": params}, windows, method=model.encode_decode)
-                return jax.nn.softmax(logits.astype(np.float32), axis=-1).mean(axis=(1, 2))
-
-        self._scores = jax.jit(scores)
+        forward = lambda params, windows: model.apply(
+            {"params": params}, windows, method=model.encode_decode_with_scores
+        )
+        # The label map and the scores come from one model call per window.
+        self.inferencer = inference.Inferencer(
+            forward, segmentor.params, self.config.model.n_cls, self.settings,
+            ignore_index=self.config.data.ignore_index,
+        )  # fmt: skip
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -218,45 +208,25 @@ class Predictor:
     def passes(self, image: np.ndarray) -> list[tuple[np.ndarray, bool]]:
         """The normalised (image, flipped) passes of the config's test pipeline."""
         kw = self.kwargs
-        return evaluate.image_passes(
+        return inference.image_passes(
             image, mean=kw["mean"], std=kw["std"], test_scale=kw["test_scale"],
             ratios=kw["ratios"], flip=kw["flip"],
         )  # fmt: skip
 
-    def _reference_pass(self, passes: list[tuple[np.ndarray, bool]]) -> np.ndarray:
+    def image_scores(self, window_scores: list[np.ndarray]) -> np.ndarray:
+        """Image-level class scores (n_cls,) float32 from the per-pass window scores of the
+        unflipped scale-1.0 pass: max over windows (RankSeg), else the mean."""
         ratios = list(self.kwargs["ratios"])
         index = ratios.index(1.0) if 1.0 in ratios else 0
-        return passes[index * (2 if self.kwargs["flip"] else 1)][0]
-
-    def image_scores(self, normalised: np.ndarray) -> np.ndarray:
-        """Image-level class scores (n_cls,) float32 of one normalised (H, W, 3) image."""
-        h, w = normalised.shape[:2]
-        cfg = self.settings
-        if cfg.mode == "whole":
-            crop, stride = (h, w), (h, w)
-        else:
-            crop, stride = (min(cfg.crop[0], h), min(cfg.crop[1], w)), cfg.stride
-        crops = [normalised[y1:y2, x1:x2] for y1, y2, x1, x2 in
-                 evaluate.slide_windows(h, w, crop, stride)]  # fmt: skip
-        size = cfg.window_batch
-        out = []
-        for start in range(0, len(crops), size):
-            chunk = crops[start : start + size]
-            batch = np.zeros((size, *chunk[0].shape), np.float32)  # fixed batch: one compile
-            batch[: len(chunk)] = np.stack(chunk)
-            out.append(np.asarray(self._scores(self.segmentor.params, batch))[: len(chunk)])
-        per_window = np.concatenate(out)
+        per_window = window_scores[index * (2 if self.kwargs["flip"] else 1)]
         agg = per_window.max(axis=0) if self.rankseg else per_window.mean(axis=0)
         return agg.astype(np.float32)
 
     def __call__(self, image: np.ndarray) -> ImagePrediction:
         """Predict one raw uint8 RGB image (H, W, 3)."""
-        from rankseg_jax.segmentor import check_image
-
         image = check_image(image)
-        passes = self.passes(image)
-        scores = self.image_scores(self._reference_pass(passes))
-        done = self.segmentor.inferencer.predict_passes(passes, image.shape[:2])
+        done = self.inferencer.predict_passes(self.passes(image), image.shape[:2])
+        scores = self.image_scores(done.window_scores)
         return ImagePrediction(done.pred, scores, self.score_kind, done.selected, done.windows)
 
     def top_classes(self, scores: np.ndarray) -> np.ndarray:
@@ -299,7 +269,7 @@ def prediction_record(
         "height": int(size[0]),
         "width": int(size[1]),
         "weights": predictor.segmentor.weights,
-        "head": predictor.config.model.head,
+        "head": predictor.config.model.classifier,
         "score_kind": pred.score_kind,
         "topk": topk,
         "classes": [
@@ -363,15 +333,12 @@ def _write_image_outputs(
 def _warn(message: str, progress: bool) -> None:
     """A line on stderr that does not break the progress bar."""
     if progress:
-        from tqdm.auto import tqdm
-
         tqdm.write(message, file=sys.stderr)
     else:
         print(message, file=sys.stderr)
 
 
 def _thumbnail(picture: np.ndarray, side: int = 256) -> np.ndarray:
-    import cv2
 
     h, w = picture.shape[:2]
     scale = side / max(h, w)
@@ -396,8 +363,6 @@ def predict_files(
     Unreadable images are reported on stderr by name and skipped. `labels` (optional, one
     per path) are ground-truth maps drawn in the figures (the notebook's evaluation images).
     """
-    from rankseg_jax.data import imageio
-
     paths = [pathlib.Path(p) for p in paths]
     out = pathlib.Path(output)
     for sub in SUBDIRS if figures else SUBDIRS[:-1]:
@@ -406,8 +371,6 @@ def predict_files(
     thumbs = []
     stream = zip(paths, output_names(paths), labels or [None] * len(paths), strict=True)
     if progress:
-        from tqdm.auto import tqdm
-
         stream = tqdm(stream, total=len(paths), desc="predict", unit="img")
     for path, name, gt in stream:
         try:
@@ -436,40 +399,10 @@ def _write_summary(predictor: Predictor, report: PredictReport, submission_forma
         "weights": predictor.segmentor.weights,
         "dataset": predictor.config.data.dataset,
         "n_cls": predictor.config.model.n_cls,
-        "head": predictor.config.model.head,
+        "head": predictor.config.model.classifier,
         "label_format": "ADE submission (id + 1)" if submission_format else "class id",
         "written": report.written,
         "failed": report.failed,
         "contact_sheet": report.contact_sheet,
     }
     (report.output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-
-
-# ------------------------------------------------------------------------------------------
-# The mode.
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> int:
-    """`--mode=predict`: exit code 0 if some image was written, 1 if none, 2 for bad input."""
-    spec = config.predict.input
-    output = pathlib.Path(config.predict.output or os.path.join(workdir, "predict"))
-    try:
-        if spec:
-            paths = find_images(spec)
-        else:
-            paths = demo_inputs(config, output / "inputs")
-            print(f"no predict.input: predicting {len(paths)} generated images ({output}/inputs)")
-        predictor = Predictor(load_segmentor(config, workdir, allow_random=not spec))
-    except (PredictError, *USER_ERRORS) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"weights {predictor.segmentor.weights}, {predictor.segmentor.num_params:,} parameters")
-    report = predict_files(
-        predictor, paths, output,
-        figures=bool(config.predict.figures),
-        submission_format=bool(config.predict.submission_format),
-    )  # fmt: skip
-    print(f"wrote {len(report.written)} of {len(paths)} images to {output}")
-    if report.failed:
-        print(f"skipped {len(report.failed)} unreadable: {', '.join(report.failed)}")
-    return report.exit_code

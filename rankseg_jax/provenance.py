@@ -18,12 +18,10 @@ import sys
 import jax
 import ml_collections
 
+from rankseg_jax.errors import ConfigError
+
 GUARDED_KEYS = ("model", "data")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "clu")
-
-
-class ResumeMismatchError(ValueError):
-    """The workdir belongs to a run with another model or data config."""
 
 
 def git_revision() -> str:
@@ -69,7 +67,7 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Raise ResumeMismatchError if the workdir's saved model/data config differs."""
+    """Raise ConfigError if the workdir's saved model/data config differs."""
     path = workdir / "config.json"
     if not path.exists() or config.logging.resume_mismatch_ok:
         return
@@ -78,7 +76,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
     for key in GUARDED_KEYS:
         diffs += _differences(saved.get(key, {}), current[key], f"{key}.")
     if diffs:
-        raise ResumeMismatchError(
+        raise ConfigError(
             f"{workdir} holds a run with a different config ({'; '.join(diffs[:5])}); "
             "use another --workdir or set --config.logging.resume_mismatch_ok=True"
         )

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rankseg_jax import checkpoint, configuration, evaluate
+from rankseg_jax import checkpoint, inference
+from rankseg_jax import config as config_lib
 from rankseg_jax.convert import loading
+from rankseg_jax.errors import CheckpointNotFoundError, InputError
 from rankseg_jax.models.segmenter import Segmenter, create_model
 
 
@@ -59,7 +61,7 @@ class Segmentor:
 
         Without a checkpoint the params are the model's seeded random initialisation.
         """
-        config = configuration.resolve(config)
+        config = config_lib.resolve(config)
         model = create_model(config.model)
         if checkpoint is None:
             params = init_params(model, config)
@@ -75,7 +77,7 @@ class Segmentor:
 
         Raises CheckpointNotFoundError when neither exists. `self.weights` says which was used.
         """
-        config = configuration.resolve(config)
+        config = config_lib.resolve(config)
         model = create_model(config.model)
         step = checkpoint.latest_step(workdir)
         if step is not None:
@@ -89,7 +91,7 @@ class Segmentor:
             params = loading.load_params(config.init_from, model, config, base)
             weights = config.init_from
         else:
-            raise checkpoint.CheckpointNotFoundError(
+            raise CheckpointNotFoundError(
                 f"no checkpoint in {workdir} and no init_from: train first, or set "
                 "--config.init_from=PATH (.pth, .safetensors, .npz or an orbax workdir)"
             )
@@ -109,27 +111,29 @@ class Segmentor:
 
     def class_scores(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Image-level class scores (B, n_cls) float32 and top-k ids (B, k) int32 (RankSeg)."""
-        if self.config.model.head != "rankseg":
-            raise ValueError(f"head={self.config.model.head!r} has no image-level class scores")
+        if self.config.model.classifier != "rankseg":
+            raise InputError(
+                f"model.classifier={self.config.model.classifier!r} has no image-level class scores"
+            )
         scores, topk = self._class_scores({"params": self.params}, check_batch(images))
         return np.asarray(scores), np.asarray(topk)
 
     @functools.cached_property
-    def inferencer(self) -> evaluate.Inferencer:
+    def inferencer(self) -> inference.Inferencer:
         """The test-time inference of the config (slide windows, scales, flip).
 
         The GT-oracle head gets each image's class set in every window (`gt_class_set`), as
         the reference passes the whole-image label to every window.
         """
-        settings, _ = evaluate.settings_from_config(self.config)
+        settings, _ = inference.settings_from_config(self.config)
         n_cls = self.config.model.n_cls
         label_context = None
-        if self.config.model.head == "gt":
-            label_context = functools.partial(evaluate.gt_class_set, n_cls=n_cls)
+        if self.config.model.classifier == "gt":
+            label_context = functools.partial(inference.gt_class_set, n_cls=n_cls)
         forward = lambda params, images, gt_labels=None: self.model.apply(
             {"params": params}, images, gt_labels, method=self.model.encode_decode
         )
-        return evaluate.Inferencer(
+        return inference.Inferencer(
             forward, self.params, n_cls, settings,
             ignore_index=self.config.data.ignore_index, label_context=label_context,
         )  # fmt: skip
@@ -143,16 +147,16 @@ class Segmentor:
         (its class set goes to every window).
         """
         image = check_image(image)
-        _, kw = evaluate.settings_from_config(self.config)
-        passes = evaluate.image_passes(
+        _, kw = inference.settings_from_config(self.config)
+        passes = inference.image_passes(
             image, mean=kw["mean"], std=kw["std"], test_scale=kw["test_scale"],
             ratios=kw["ratios"], flip=kw["flip"],
         )  # fmt: skip
         context = None
-        if self.config.model.head == "gt":
+        if self.config.model.classifier == "gt":
             if gt_label is None:
                 raise ValueError("the GT-oracle head needs the image's label map (gt_label)")
-            context = evaluate.gt_class_set(gt_label, self.config.model.n_cls)
+            context = inference.gt_class_set(gt_label, self.config.model.n_cls)
         return self.inferencer.predict_passes(passes, image.shape[:2], context=context).pred
 
 

@@ -21,6 +21,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rankseg_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 FSDP_AXIS = "fsdp"
@@ -30,28 +32,24 @@ FSDP_AXIS = "fsdp"
 PARAM_RULES: tuple[tuple[str, Any], ...] = ((r".*", "fsdp"),)
 
 
-class MeshError(ValueError):
-    """A mesh shape or batch size that does not fit the devices; the message says why."""
-
-
 def mesh_shape(data: int, fsdp: int, n_devices: int) -> tuple[int, int]:
     """Resolve (data, fsdp) sizes where one of them may be -1 ("the rest of the devices")."""
     sizes = {"mesh.data": data, "mesh.fsdp": fsdp}
     unknown = [k for k, v in sizes.items() if v == -1]
     bad = [f"{k}={v}" for k, v in sizes.items() if v != -1 and v < 1]
     if bad or len(unknown) > 1:
-        raise MeshError(
+        raise ConfigError(
             f"mesh sizes must be positive or -1 (at most one -1), got data={data}, fsdp={fsdp}"
         )
     known = int(np.prod([v for v in sizes.values() if v != -1]))
     if unknown:
         if n_devices % known:
-            raise MeshError(
+            raise ConfigError(
                 f"cannot fill {unknown[0]}=-1: {n_devices} devices are not divisible by {known}"
             )
         data, fsdp = (n_devices // known if v == -1 else v for v in (data, fsdp))
     if data * fsdp != n_devices:
-        raise MeshError(
+        raise ConfigError(
             f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but there are "
             f"{n_devices} devices; use -1 for one axis to take the rest"
         )
@@ -73,7 +71,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:
     """Examples this process feeds per step; the global batch must split evenly over devices."""
     if global_batch < 1 or global_batch % mesh.size:
-        raise MeshError(
+        raise ConfigError(
             f"batch_size={global_batch} is not divisible by the {mesh.size} devices of the mesh "
             f"{dict(mesh.shape)}"
         )
@@ -95,7 +93,7 @@ def make_global_batch(
 
 def mesh_from_config(config: Any, devices: Sequence[Any] | None = None) -> Mesh:
     """The mesh of a full config (`mesh.data` x `mesh.fsdp`, -1 = the rest), and a check that
-    `batch_size` splits over it; MeshError names both numbers otherwise."""
+    `batch_size` splits over it; ConfigError names both numbers otherwise."""
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices)
     check_batch_divisible(int(config.batch_size), mesh)
     return mesh
@@ -105,7 +103,7 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     """The global batch must split evenly over the batch axes ('data' x 'fsdp')."""
     ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if global_batch < 1 or global_batch % ways:
-        raise MeshError(
+        raise ConfigError(
             f"batch_size={global_batch} is not divisible by the {ways} devices of the batch axes "
             f"{dict(mesh.shape)}; change batch_size or mesh.data/mesh.fsdp (a different global "
             "batch changes the training recipe: scale the learning rate or steps knowingly)"
@@ -160,7 +158,7 @@ def param_spec(
         if tactic == "fsdp":
             nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
             return fsdp_spec(leaf.shape, nbytes, mesh.shape.get(FSDP_AXIS, 1), fsdp_min_size_mb)
-        raise MeshError(f"sharding rule {pattern!r}: unknown tactic {tactic!r}")
+        raise ConfigError(f"sharding rule {pattern!r}: unknown tactic {tactic!r}")
     return P()
 
 

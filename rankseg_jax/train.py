@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import pathlib
 import signal
 import time
 from typing import Any
@@ -21,9 +22,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from clu import periodic_actions
 
-from rankseg_jax import losses, optim
+from rankseg_jax import checkpoint, evaluation, losses, optim, provenance
+from rankseg_jax import config as config_lib
 from rankseg_jax import sharding as shd
+from rankseg_jax.convert import loading
+from rankseg_jax.data.pipeline import PipelineConfig, TrainIterator
+from rankseg_jax.data.sources import source_from_config
+from rankseg_jax.errors import DatasetError
+from rankseg_jax.models.segmenter import create_model
+from rankseg_jax.segmentor import Segmentor
 
 PyTree = Any
 
@@ -31,7 +41,9 @@ PyTree = Any
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes. `finite` stays True until a non-finite loss or gradient;
-    `first_bad_step` is then the step it happened (−1 before); such updates are not applied."""
+    `first_bad_step` is then the step it happened (−1 before); such updates are not applied.
+    `model_state`: the model's non-param collections (e.g. BatchNorm `batch_stats`), updated
+    by every training forward; empty for Segmenter."""
 
     step: jax.Array
     params: PyTree
@@ -39,19 +51,25 @@ class TrainState:
     rng: jax.Array
     finite: jax.Array
     first_bad_step: jax.Array
+    model_state: PyTree = dataclasses.field(default_factory=dict)
 
     def train_items(self) -> dict:
         """What the checkpoint's `train` item holds (params are saved separately)."""
-        return dict(
+        items = dict(
             step=self.step,
             opt_state=self.opt_state,
             rng=self.rng,
             finite=self.finite,
             first_bad_step=self.first_bad_step,
         )
+        if self.model_state:  # absent for models without state: their checkpoints stay as they were
+            items["model_state"] = self.model_state
+        return items
 
 
-def new_state(params: PyTree, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def new_state(
+    params: PyTree, tx: optax.GradientTransformation, seed: int, model_state: PyTree = None
+) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -59,6 +77,7 @@ def new_state(params: PyTree, tx: optax.GradientTransformation, seed: int) -> Tr
         rng=jax.random.key_data(jax.random.PRNGKey(seed)),
         finite=jnp.ones((), bool),
         first_bad_step=jnp.full((), -1, jnp.int32),
+        model_state=dict(model_state or {}),
     )
 
 
@@ -97,18 +116,27 @@ def train_step(
         images = jax.lax.with_sharding_constraint(images, batch_sharding)
         labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    gt = labels if config.model.head == "gt" else None
+    gt = labels if config.model.classifier == "gt" else None
+
+    mutable = list(state.model_state)
 
     def loss_fn(params):
+        variables = {"params": params, **state.model_state}
         out = model.apply(
-            {"params": params}, images, train=True, gt_labels=gt, rngs={"dropout": rng}
+            variables,
+            images,
+            train=True,
+            gt_labels=gt,
+            rngs={"dropout": rng},
+            mutable=mutable or False,
         )
+        out, model_state = out if mutable else (out, state.model_state)
         total, metrics = losses.segmentation_losses(
             out, labels, config.loss, config.model.n_cls, config.data.ignore_index
         )
-        return total, metrics
+        return total, (metrics, model_state)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = _all_finite(loss, grads)
@@ -118,6 +146,7 @@ def train_step(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
+        model_state=keep(dict(model_state), state.model_state),
         finite=state.finite & ok,
         first_bad_step=first_bad,
     )
@@ -233,8 +262,9 @@ def _abstract_state(model, tx, config, image_shape):
     def make():
         images = jnp.zeros((1, *image_shape, 3), jnp.float32)
         labels = jnp.zeros((1, *image_shape), jnp.int32)
-        params = model.init(jax.random.PRNGKey(config.seed), images, gt_labels=labels)["params"]
-        return new_state(params, tx, config.seed)
+        variables = model.init(jax.random.PRNGKey(config.seed), images, gt_labels=labels)
+        params = variables.pop("params")
+        return new_state(params, tx, config.seed, model_state=variables)
 
     return make, jax.eval_shape(make)
 
@@ -248,14 +278,10 @@ def _with_shardings(abstract, shardings):
 def initial_state(config, workdir, model, tx, mesh, manager):
     """(state, data_state, origin): the workdir's latest checkpoint wins over init_from and
     model.pretrained; state leaves are created directly with their shardings."""
-    from rankseg_jax import checkpoint
-    from rankseg_jax.convert import loading
 
     make, abstract = _abstract_state(model, tx, config, tuple(config.model.img_size))
     shardings = config_state_shardings(abstract, mesh, config)
     if config.mesh.print_sharding and jax.process_index() == 0:
-        from absl import logging
-
         logging.info("state sharding:\n%s", shd.sharding_table(abstract, shardings))
     step = manager.latest_step()
     if step is not None:
@@ -334,12 +360,11 @@ def _maybe_evaluate(config, evaluator, state, step, writer, workdir, val_source)
     """Periodic evaluation on the val split (all processes; process 0 writes the files)."""
     if val_source is None:
         return None
-    from rankseg_jax import eval_mode
 
     params = state.params
     if jax.process_count() > 1:  # each process scores its own images on a local copy
         params = shd.local_replica(params, shd.mesh_of(params))
-    return eval_mode.run_evaluation(
+    return evaluation.run_evaluation(
         evaluator, config, val_source, params=params, step=step, writer=writer,
         workdir=workdir, progress=False,
     )  # fmt: skip
@@ -351,18 +376,8 @@ def _should(every: int, step: int, last: int) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming from the workdir), evaluate periodically; returns the last eval."""
-    import pathlib
 
-    from clu import periodic_actions
-
-    from configs import common
-    from rankseg_jax import checkpoint, eval_mode, provenance
-    from rankseg_jax.data.pipeline import PipelineConfig, TrainIterator
-    from rankseg_jax.data.sources import source_from_config
-    from rankseg_jax.models.segmenter import create_model
-    from rankseg_jax.segmentor import Segmentor
-
-    common.validate(config)
+    config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     provenance.check_resume(config, workdir)
     source = source_from_config(config, "train")
@@ -371,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager = checkpoint.make_manager(workdir, config)
     state, data_state, origin = initial_state(config, workdir, model, tx, mesh, manager)
     provenance.record(config, workdir, origin)
-    writer = eval_mode.create_writer(workdir)
+    writer = evaluation.create_writer(workdir)
     start = int(jax.device_get(state.step))
     writer.write_texts(start, {"weights": origin})
     if start == 0:
@@ -428,10 +443,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _val_source(config):
     """The val split, or None (with a warning) when the dataset has none: training goes on."""
-    from absl import logging
-
-    from rankseg_jax.data.base import DatasetError
-    from rankseg_jax.data.sources import source_from_config
 
     try:
         return source_from_config(config, "val")

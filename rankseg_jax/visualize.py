@@ -17,6 +17,13 @@ from typing import IO, Any
 
 import cv2
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from rankseg_jax.data import readers
+from rankseg_jax.errors import InputError
 
 # Pixels with an id outside the palette (ignore values) are drawn in this colour.
 UNKNOWN_COLOR = (0, 0, 0)
@@ -24,35 +31,13 @@ FIGURE_DPI = 100
 LEGEND_MAX = 8  # classes named under a figure's picture
 
 
-class VisualizeError(ValueError):
-    """An input the pictures cannot use (shape or dtype mismatch); the message says which."""
-
-
 # ------------------------------------------------------------------------------------------
 # Class names and palettes.
 
 
-def generic_palette(n_cls: int, seed: int = 0) -> np.ndarray:
-    """A deterministic (n_cls, 3) uint8 palette of well-separated colours (golden-angle hues)."""
-    hues = (np.arange(n_cls) * 137.508 + seed) % 360
-    sat = 0.55 + 0.4 * ((np.arange(n_cls) * 7) % 5) / 4
-    val = 0.65 + 0.35 * ((np.arange(n_cls) * 3) % 4) / 3
-    hsv = np.stack([hues / 2, sat * 255, val * 255], axis=-1).astype(np.uint8)[None]
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
-
-
 def dataset_labels(dataset: str, n_cls: int) -> tuple[tuple[str, ...], np.ndarray]:
-    """(class names, palette (n_cls, 3) uint8) of a config's `data.dataset` for n_cls classes.
-
-    The reader's names and palette when it has exactly n_cls classes; otherwise (a custom
-    class count) "class <i>" names and a generated palette, so any model can be drawn.
-    """
-    from rankseg_jax.data.sources import READERS
-
-    reader = READERS.get(dataset)
-    if reader is not None and len(reader.class_names) == n_cls and len(reader.palette) == n_cls:
-        return tuple(reader.class_names), np.asarray(reader.palette, np.uint8)
-    return tuple(f"class {i}" for i in range(n_cls)), generic_palette(n_cls)
+    """(class names, palette (n_cls, 3) uint8) of `dataset` for n_cls classes (one fallback)."""
+    return readers.class_names_and_palette(dataset, n_cls)
 
 
 # ------------------------------------------------------------------------------------------
@@ -62,7 +47,7 @@ def dataset_labels(dataset: str, n_cls: int) -> tuple[tuple[str, ...], np.ndarra
 def _check_labels(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise VisualizeError(f"label map must be an integer (H, W) array, got {labels.dtype} "
+        raise InputError(f"label map must be an integer (H, W) array, got {labels.dtype} "
                              f"{labels.shape}")  # fmt: skip
     return labels
 
@@ -70,9 +55,9 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
 def _check_image(image: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise VisualizeError(f"image must be uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
+        raise InputError(f"image must be uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
     if labels is not None and labels.shape != image.shape[:2]:
-        raise VisualizeError(f"label map {labels.shape} and image {image.shape[:2]} differ in size")
+        raise InputError(f"label map {labels.shape} and image {image.shape[:2]} differ in size")
     return image
 
 
@@ -200,10 +185,10 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     if array.ndim == 3:
         array = np.ascontiguousarray(array[..., ::-1])
     if array.dtype not in (np.uint8, np.uint16):
-        raise VisualizeError(f"{path}: PNG arrays must be uint8 or uint16, got {array.dtype}")
+        raise InputError(f"{path}: PNG arrays must be uint8 or uint16, got {array.dtype}")
     ok, data = cv2.imencode(".png", array)
     if not ok:
-        raise VisualizeError(f"{path}: PNG encoding failed")
+        raise InputError(f"{path}: PNG encoding failed")
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(data.tobytes())
@@ -212,7 +197,6 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def save_figure(fig: Any, path: str | os.PathLike | IO[bytes], dpi: int = FIGURE_DPI) -> None:
     """Render a matplotlib Figure to a PNG file (or binary file object) with Agg, no pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=dpi, format="png")
@@ -234,7 +218,6 @@ def _show(ax, picture: np.ndarray, title: str) -> None:
 
 def _class_legend(ax, classes: Sequence[int], class_names, palette) -> None:
     """Colour patches naming `classes`, below the picture in `ax`."""
-    from matplotlib.patches import Patch
 
     handles = [
         Patch(facecolor=_rgb01(palette[c]), edgecolor="black", linewidth=0.5,
@@ -266,9 +249,6 @@ def ranking_figure(
     and the pixels agree. With `gt` (H, W) (ignore_index allowed), classes in the ground
     truth get a triangle marker.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     labels = _check_labels(labels)
     image = _check_image(image, labels)
@@ -332,10 +312,9 @@ def contact_sheet(
     items: Sequence[tuple[str, np.ndarray]], columns: int = 4, cell_inches: float = 2.6
 ):
     """A Figure with a grid of pictures (e.g. overlays), each titled with its name."""
-    from matplotlib.figure import Figure
 
     if not items:
-        raise VisualizeError("a contact sheet needs at least one picture")
+        raise InputError("a contact sheet needs at least one picture")
     columns = max(1, min(columns, len(items)))
     rows = -(-len(items) // columns)
     fig = Figure(figsize=(cell_inches * columns, cell_inches * rows + 0.2), layout="constrained")

@@ -54,7 +54,7 @@ def torch():
 @pytest.fixture(scope="session")
 def official_small(official, torch):
     """{'rankseg' | 'mask': (model, params)} loaded from the official small checkpoints."""
-    from rankseg_jax.testing.official import load_small
+    from rankseg_testing.official import load_small
 
     return {
         "rankseg": load_small(official / "rankseg_small.pth", "rankseg"),

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from rankseg_jax.convert import augreg_npz as an
+from rankseg_jax.convert import segmenter_layout as layout
 from rankseg_jax.convert import torch_pickle as tp
+from rankseg_jax.errors import CheckpointError
 
 DIM, HEADS, MLP, LAYERS, PATCH, GRID = 64, 2, 256, 2, 16, 24
 
@@ -54,7 +56,7 @@ def npz_path(tmp_path_factory):
 def test_keys_and_shapes_match_the_official_backbone(official, npz_path):
     """The small official model is this size with a 4x4 grid, so names and shapes must match."""
     sd = an.augreg_npz_to_mmseg(npz_path, grid=(4, 4))
-    official_sd = tp.state_dict_from_checkpoint(
+    official_sd = layout.state_dict_from_checkpoint(
         tp.load_pth(official / "baseline_small.pth", use_torch=False)
     )
     backbone = {k: v.shape for k, v in official_sd.items() if k.startswith("backbone.")}
@@ -145,12 +147,12 @@ def test_errors_name_the_file_and_key(tmp_path):
     broken = tmp_path / "broken.npz"
     np.savez(broken, **arrays)
     with pytest.raises(
-        an.AugRegError, match=r"broken\.npz.*encoderblock_1/MlpBlock_3/Dense_1/bias"
+        CheckpointError, match=r"broken\.npz.*encoderblock_1/MlpBlock_3/Dense_1/bias"
     ):
         an.augreg_npz_to_mmseg(broken)
     garbage = tmp_path / "garbage.npz"
     garbage.write_text("not a zip")
-    with pytest.raises(an.AugRegError, match="garbage.npz"):
+    with pytest.raises(CheckpointError, match="garbage.npz"):
         an.augreg_npz_to_mmseg(garbage)
-    with pytest.raises(an.AugRegError, match="not square"):
+    with pytest.raises(CheckpointError, match="not square"):
         an.resize_pos_embed(np.zeros((1, 1 + 12, 4), np.float32), (4, 4))

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from configs import ade20k_full, ade20k_segmenter, coco_stuff10k, common, demo, pascal_context
+from configs import ade20k_full, ade20k_segmenter, coco_stuff10k, demo, pascal_context
+from rankseg_jax import config as common
+from rankseg_jax import recipes
+from rankseg_jax.errors import ConfigError
 
-RANKSEG_MULT = dict(common.RANKSEG_DECAY_MULT)
+RANKSEG_MULT = dict(recipes.RANKSEG_DECAY_MULT)
 IMAGENET = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 HALF = ((127.5,) * 3, (127.5,) * 3)
 
@@ -43,7 +46,13 @@ def test_reference_values(row):
     wd, x100, (mean, std), n_scales = row[12:]
     c = module.get_config(arg)
     common.validate(c)
-    assert (c.data.dataset, c.model.n_cls, c.model.head, c.model.k) == (dataset, n_cls, head, k)
+    kind = recipes.classifier(head)
+    assert (c.data.dataset, c.model.n_cls, c.model.classifier, c.model.k) == (
+        dataset,
+        n_cls,
+        kind,
+        k,
+    )
     assert c.data.crop_size == (crop, crop) and c.model.img_size == (img_size, img_size)
     assert c.eval.crop == c.eval.stride == (crop, crop) and len(c.eval.scales) == n_scales
     assert c.total_steps == iters and c.batch_size == 8
@@ -84,7 +93,7 @@ def test_ade20k_full_is_ours_and_valid():
     ],
 )
 def test_invalid_combinations(module, arg, message):
-    with pytest.raises(common.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         module.get_config(arg)
 
 
@@ -105,19 +114,19 @@ def test_validation_errors(key, value, message):
     with c.unlocked():
         section, _, name = key.rpartition(".")
         (c[section] if section else c)[name] = value
-    with pytest.raises(common.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         common.validate(c)
 
 
 def test_unknown_keys_rejected():
-    with pytest.raises(common.ConfigError, match="unknown config key model.widht"):
+    with pytest.raises(ConfigError, match="unknown config key model.widht"):
         common.with_defaults({"model": {"widht": 3}})
     c = demo.get_config("")
     with pytest.raises(AttributeError):
         c.model.widht = 3  # locked: a typo in --config.model.widht fails too
     with c.unlocked():
         c.optimizer.extra = 1
-    with pytest.raises(common.ConfigError, match=r"unknown key\(s\) in optimizer: extra"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in optimizer: extra"):
         common.validate(c)
 
 

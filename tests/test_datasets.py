@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import pathlib
 
 import cv2
@@ -12,7 +11,8 @@ import pytest
 from PIL import Image
 
 from rankseg_jax.data import base, imageio
-from rankseg_jax.data.sources import READERS, make_source
+from rankseg_jax.data.readers import READERS, make_source
+from rankseg_jax.errors import CorruptDataError, DatasetError, DatasetNotFoundError
 
 H, W = 16, 24
 RNG = np.random.default_rng(0)
@@ -159,7 +159,7 @@ def test_coco_stuff164k_no_reduction(tmp_path):
     source.check_layout()
     assert first_row(source, 0, 4) == [0, 170, 255, 5]
     assert source[0]["name"] == "000000000139"
-    with pytest.raises(base.LabelValueError, match="171"):
+    with pytest.raises(DatasetError, match="171"):
         build_coco164k(tmp_path / "bad", [171])
         make_source("coco_stuff164k", tmp_path / "bad", "train")[0]
 
@@ -182,7 +182,7 @@ def test_ade20k_full_uint16_ignore_65535(tmp_path):
     assert source.n_cls == 847 and source.ignore_index == 65535
     assert source.class_names[255] == "pier"  # 255 is a real class here
     assert first_row(source, 0, 5) == [0, 255, 846, 65535, 1]
-    with pytest.raises(base.LabelValueError, match="847"):
+    with pytest.raises(DatasetError, match="847"):
         make_source("ade20k_full", build_ade_full(tmp_path / "bad", [847]), "validation")[0]
 
 
@@ -215,7 +215,7 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 
 def test_error_root_missing(tmp_path):
-    with pytest.raises(base.DatasetNotFoundError) as error:
+    with pytest.raises(DatasetNotFoundError) as error:
         make_source("ade20k", tmp_path / "nowhere", "training")
     message = _one_line(error)
     for part in (str(tmp_path / "nowhere"), "data.root", "data/README.md", "configs/demo.py"):
@@ -224,7 +224,7 @@ def test_error_root_missing(tmp_path):
 
 
 def test_error_root_is_not_a_dataset_root(tmp_path):
-    with pytest.raises(base.DatasetNotFoundError) as error:
+    with pytest.raises(DatasetNotFoundError) as error:
         make_source("pascal_context", tmp_path, "train")
     assert "JPEGImages" in _one_line(error) and str(tmp_path) in str(error.value)
 
@@ -234,7 +234,7 @@ def test_error_split_folder_missing(tmp_path):
     for p in (ade / "annotations" / "validation").iterdir():
         p.unlink()
     (ade / "annotations" / "validation").rmdir()
-    with pytest.raises(base.DatasetNotFoundError) as error:
+    with pytest.raises(DatasetNotFoundError) as error:
         make_source("ade20k", ade, "validation")
     assert str(ade / "annotations" / "validation") in _one_line(error)
 
@@ -242,16 +242,16 @@ def test_error_split_folder_missing(tmp_path):
 def test_error_split_list_missing(tmp_path):
     voc = build_pascal(tmp_path, [1])
     (voc / "ImageSets" / "SegmentationContext" / "val.txt").unlink()
-    with pytest.raises(base.DatasetNotFoundError) as error:
+    with pytest.raises(DatasetNotFoundError) as error:
         make_source("pascal_context", voc, "val")
     assert "val.txt" in _one_line(error) and "split list" in str(error.value)
 
 
 def test_error_unknown_split_and_dataset(tmp_path):
     ade = build_ade(tmp_path, [[1]], [[1]])
-    with pytest.raises(base.DatasetNotFoundError, match="unknown ade20k split 'trainval'"):
+    with pytest.raises(DatasetNotFoundError, match="unknown ade20k split 'trainval'"):
         make_source("ade20k", ade, "trainval")
-    with pytest.raises(base.DatasetError, match="unknown data.dataset 'ade21k'"):
+    with pytest.raises(DatasetError, match="unknown data.dataset 'ade21k'"):
         make_source("ade21k", ade, "training")
 
 
@@ -259,14 +259,14 @@ def test_error_empty_split(tmp_path):
     ade = build_ade(tmp_path, [[1]], [])
     (ade / "images" / "validation").mkdir()
     (ade / "annotations" / "validation").mkdir()
-    with pytest.raises(base.DatasetNotFoundError, match="no .jpg images"):
+    with pytest.raises(DatasetNotFoundError, match="no .jpg images"):
         make_source("ade20k", ade, "validation").check_layout()
 
 
 def test_error_listed_image_missing(tmp_path):
     root = build_coco10k(tmp_path, [1])
     (root / "images" / "train2014" / "COCO_train2014_000000000009.jpg").unlink()
-    with pytest.raises(base.DatasetNotFoundError) as error:
+    with pytest.raises(DatasetNotFoundError) as error:
         make_source("coco_stuff10k", root, "train").check_layout()
     assert "COCO_train2014_000000000009.jpg" in _one_line(error) and "train.txt" in str(error.value)
 
@@ -276,12 +276,12 @@ def test_error_image_without_label(tmp_path):
     label = ade / "annotations" / "training" / "ADE_train_00000002.png"
     label.unlink()
     source = make_source("ade20k", ade, "training")
-    with pytest.raises(base.MissingLabelError) as error:
+    with pytest.raises(DatasetNotFoundError) as error:
         source.check_layout()
     message = _one_line(error)
     assert "ADE_train_00000002.jpg" in message and str(label) in message
     assert "image without label" in message and "1 of 2" in message
-    with pytest.raises(base.MissingLabelError, match="image without label"):
+    with pytest.raises(DatasetNotFoundError, match="image without label"):
         source[1]
 
 
@@ -293,7 +293,7 @@ def test_error_unreadable_image(tmp_path, content, reason):
     ade = build_ade(tmp_path, [[1]], [[1]])
     image = ade / "images" / "training" / "ADE_train_00000001.jpg"
     image.write_bytes(content)
-    with pytest.raises(base.CorruptImageError) as error:
+    with pytest.raises(CorruptDataError) as error:
         make_source("ade20k", ade, "training")[0]
     assert str(image) in _one_line(error) and reason in str(error.value)
 
@@ -305,7 +305,7 @@ def test_error_truncated_image(tmp_path, keep):
     write_jpg(image, _rgb(64, 64))
     data = image.read_bytes()
     image.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(base.CorruptImageError) as error:
+    with pytest.raises(CorruptDataError) as error:
         make_source("ade20k", ade, "training")[0]
     assert str(image) in _one_line(error) and "truncated" in str(error.value)
 
@@ -315,7 +315,7 @@ def test_error_truncated_label(tmp_path):
     label = ade / "annotations" / "training" / "ADE_train_00000001.png"
     write_label(label, RNG.integers(1, 150, (H, W), dtype=np.uint8))
     label.write_bytes(label.read_bytes()[:-30])
-    with pytest.raises(base.CorruptImageError) as error:
+    with pytest.raises(CorruptDataError) as error:
         make_source("ade20k", ade, "training")[0]
     assert str(label) in _one_line(error) and "label" in str(error.value)
 
@@ -324,7 +324,7 @@ def test_error_label_wrong_mode(tmp_path):
     ade = build_ade(tmp_path, [[1]], [[1]])
     label = ade / "annotations" / "training" / "ADE_train_00000001.png"
     write_label(label, _rgb())  # an RGB label, like TFDS scene_parse150's instance maps
-    with pytest.raises(base.LabelModeError) as error:
+    with pytest.raises(DatasetError) as error:
         make_source("ade20k", ade, "training")[0]
     message = _one_line(error)
     assert str(label) in message and "mode RGB" in message and "scene_parse150" in message
@@ -334,7 +334,7 @@ def test_error_label_wrong_bit_depth(tmp_path):
     full = build_ade_full(tmp_path, [1])
     label = full / "annotations_detectron2" / "training" / "ADE_train_00000001.tif"
     write_label(label, _raw([1]), "TIFF")  # 8-bit, cannot hold the 65535 ignore value
-    with pytest.raises(base.LabelModeError, match="mode L.*16-bit"):
+    with pytest.raises(DatasetError, match="mode L.*16-bit"):
         make_source("ade20k_full", full, "training")[0]
 
 
@@ -342,7 +342,7 @@ def test_error_size_mismatch(tmp_path):
     ade = build_ade(tmp_path, [[1]], [[1]])
     image = write_jpg(ade / "images" / "training" / "ADE_train_00000001.jpg", _rgb(20, 30))
     label = ade / "annotations" / "training" / "ADE_train_00000001.png"
-    with pytest.raises(base.SizeMismatchError) as error:
+    with pytest.raises(DatasetError) as error:
         make_source("ade20k", ade, "training")[0]
     message = _one_line(error)
     assert str(label) in message and str(image) in message
@@ -352,7 +352,7 @@ def test_error_size_mismatch(tmp_path):
 def test_error_label_values_outside_classes(tmp_path):
     ade = build_ade(tmp_path, [[1, 151, 200, 7]], [[1]])
     label = ade / "annotations" / "training" / "ADE_train_00000001.png"
-    with pytest.raises(base.LabelValueError) as error:
+    with pytest.raises(DatasetError) as error:
         make_source("ade20k", ade, "training")[0]
     message = _one_line(error)
     assert str(label) in message and "151, 200" in message and "150" in message
@@ -441,19 +441,19 @@ def test_exif_rotated_image_with_unrotated_label_says_transposed(tmp_path):
     ade = build_ade(tmp_path, [[1]], [[1]])
     image = ade / "images" / "training" / "ADE_train_00000001.jpg"
     image.write_bytes(_encode(Image.fromarray(_rgb()), "JPEG", exif=_exif(6)))
-    with pytest.raises(base.SizeMismatchError, match="transposed.*EXIF"):
+    with pytest.raises(DatasetError, match="transposed.*EXIF"):
         make_source("ade20k", ade, "training")[0]
 
 
 def test_read_bytes_missing_file(tmp_path):
-    with pytest.raises(base.DatasetNotFoundError, match="image file not found"):
+    with pytest.raises(DatasetNotFoundError, match="image file not found"):
         imageio.read_image(tmp_path / "gone.jpg")
 
 
 def test_readers_have_no_stray_literal_ignore_values():
-    """255 appears only in the dataset definitions (IGNORE_INDEX), not in the shared reader."""
+    """255 appears only in the dataset definitions (readers.py), not in the shared reader."""
     package = pathlib.Path(base.__file__).parent
     for name in ("base.py", "sources.py"):
         text = (package / name).read_text()
         assert "255" not in text.replace("65535", ""), name
-    assert os.path.exists(package / "ade20k.py")
+    assert "ignore_index = 255" in (package / "readers.py").read_text()

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from configs import common
 from configs import demo as demo_config
-from rankseg_jax import eval_mode, metrics
+from rankseg_jax import config as common
+from rankseg_jax import evaluation, metrics
 from rankseg_jax.data.sources import source_from_config
 from rankseg_jax.segmentor import Segmentor
 
@@ -102,10 +102,10 @@ def test_demo_loss_falls(demo_run):
 
 def test_demo_beats_untrained_and_majority_class(demo_run):
     config, workdir = demo_run
-    results = json.loads(eval_mode.results_path(workdir, config.total_steps).read_text())
+    results = json.loads(evaluation.results_path(workdir, config.total_steps).read_text())
     trained = results["mIoU"]
     val_source = source_from_config(config, "val")
-    untrained = eval_mode.run_evaluation(
+    untrained = evaluation.run_evaluation(
         Segmentor.from_config(config), config, val_source, progress=False
     )["mIoU"]
     majority = majority_class_miou(

@@ -23,13 +23,15 @@ import pytest
 import yaml
 
 from configs import ade20k_segmenter, coco_stuff10k
-from rankseg_jax import checkpoint, commands
+from rankseg_jax import checkpoint
 from rankseg_jax.convert import augreg_npz, export, loading, mmseg
+from rankseg_jax.convert import segmenter_layout as layout
 from rankseg_jax.convert import torch_pickle as tp
 from rankseg_jax.convert.safetensors_io import load_safetensors, save_safetensors
-from rankseg_jax.data.ade20k import CLASS_NAMES as ADE_NAMES
-from rankseg_jax.data.ade20k import PALETTE as ADE_PALETTE
+from rankseg_jax.data.readers import ADE20K
+from rankseg_jax.errors import CheckpointError, ConfigError, UserError
 from rankseg_jax.models.segmenter import create_model
+from rankseg_jax.modes import export as export_mode
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOGIT_ATOL = 1e-5
@@ -123,7 +125,7 @@ def test_vit_b16_rankseg_key_table_round_trip(torch):
     """ViT-B/16 RankSeg at 512 (spec 6.2: 199 keys, 109,702,138 parameters), random values:
     import → export gives the reference's keys, shapes and order and bit-identical tensors.
     The reference model is built on torch's meta device, so it allocates nothing."""
-    from rankseg_jax.testing import torch_reference as tr
+    from rankseg_testing import torch_reference as tr
 
     with torch.device("meta"):
         ref = tr.build_segmenter(tr.SegmenterConfig())
@@ -142,7 +144,7 @@ def test_vit_b16_rankseg_key_table_round_trip(torch):
 def test_vit_b16_baseline_segmenter_layout_key_table(torch):
     """The official layout of a ViT-B/16 baseline: exactly the official Segmenter's keys and
     shapes (1000-way encoder.head included). Zero-strided arrays: nothing is allocated."""
-    from rankseg_jax.testing import torch_reference as tr
+    from rankseg_testing import torch_reference as tr
 
     with torch.device("meta"):
         ref = tr.build_segmenter(tr.SegmenterConfig(head="mask", head_layers=2))
@@ -150,12 +152,12 @@ def test_vit_b16_baseline_segmenter_layout_key_table(torch):
         (k, np.broadcast_to(np.float32(0), tuple(v.shape))) for k, v in ref.state_dict().items()
     )
     assert len(state) == 183
-    official = tp.mmseg_to_segmenter(state, n_cls=150)
+    official = layout.mmseg_to_segmenter(state, n_cls=150)
     assert list(official) == official_segmenter_keys(12, 2)
     assert official["encoder.head.weight"].shape == (1000, 768)
     assert official["encoder.blocks.11.attn.qkv.weight"].shape == (2304, 768)
     assert official["decoder.mask_norm.weight"].shape == (150,)
-    back = tp.segmenter_to_mmseg(official)
+    back = layout.segmenter_to_mmseg(official)
     assert [(k, v.shape) for k, v in back.items()] == [(k, v.shape) for k, v in state.items()]
 
 
@@ -183,7 +185,8 @@ def test_exported_files_round_trip(tmp_path, head):
         config.model.k,
         [64, 64],
     )
-    assert meta["class_names"] == list(ADE_NAMES) and meta["palette"] == ADE_PALETTE.tolist()
+    assert meta["class_names"] == list(ADE20K.class_names)
+    assert meta["palette"] == ADE20K.palette.tolist()
     assert meta["mean"] == [127.5] * 3 and meta["sizes"]["width"] == 64 and meta["step"] == 3
     for path in written:
         if path.suffix in (".pth", ".safetensors"):
@@ -191,8 +194,8 @@ def test_exported_files_round_trip(tmp_path, head):
     if "pth" in config.export.formats:
         saved = tp.load_pth(tmp_path / "model.pth", use_torch=False)
         assert_same_state(saved["state_dict"], state)
-        assert saved["meta"]["CLASSES"] == ADE_NAMES
-        assert saved["meta"]["PALETTE"] == ADE_PALETTE.tolist() and saved["meta"]["iter"] == 3
+        assert saved["meta"]["CLASSES"] == ADE20K.class_names
+        assert saved["meta"]["PALETTE"] == ADE20K.palette.tolist() and saved["meta"]["iter"] == 3
     assert no_temporary_files(tmp_path)
 
 
@@ -279,7 +282,7 @@ def well_separated_images(model, params, config, seed, margin=1e-4):
     for attempt in range(20):
         rng = np.random.default_rng(seed + 100 * attempt)
         images = rng.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
-        if config.model.head != "rankseg":
+        if config.model.classifier != "rankseg":
             return images
         scores, _ = model.apply({"params": params}, jnp.asarray(images), method=model.class_scores)
         top = -np.sort(-np.asarray(scores), axis=1)[:, : config.model.k + 1]
@@ -294,7 +297,7 @@ def test_exported_pth_loads_strictly_and_gives_the_same_logits(torch, tmp_path, 
     JAX model's logits within 1e-5; safetensors.torch reads the same tensors."""
     from safetensors.torch import load_file
 
-    from rankseg_jax.testing import torch_reference as tr
+    from rankseg_testing import torch_reference as tr
 
     config = small_config(head)
     model, params = random_params(config, seed=4)
@@ -327,7 +330,7 @@ def test_segmenter_layout_export_and_round_trip(torch, tmp_path):
     unused encoder.head comes back as zeros), a variant.yml that load_model understands."""
     config = small_config("mask", width=128, heads=2, segmenter_layout=True)
     model, params = random_params(config, seed=7)
-    official = tp.mmseg_to_segmenter(export.state_dict_for_export(params, config), n_cls=150)
+    official = layout.mmseg_to_segmenter(export.state_dict_for_export(params, config), n_cls=150)
     official["encoder.head.weight"] = np.ones((1000, 128), np.float32)
     original = tmp_path / "seg_small_mask" / "checkpoint.pth"
     extra = {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "epoch": 63}
@@ -373,7 +376,7 @@ def test_export_mode_from_orbax_workdir(tmp_path, capsys):
     config = small_config("rankseg", formats=formats)
     _, params = random_params(config, seed=8)
     save_orbax(tmp_path, config, params, steps=(3, 7))
-    assert commands.run("export", config, str(tmp_path)) == 0
+    assert export_mode.run(config, str(tmp_path)) == 0
     latest = jax.tree.map(lambda x: x + 7, params)
     out = tmp_path / "export"
     tensors, meta = load_safetensors(out / "model.safetensors")
@@ -396,17 +399,18 @@ def test_export_mode_from_init_from(tmp_path):
     with config.unlocked():
         config.init_from = str(source)
         config.export.output = str(tmp_path / "out")
-    assert export.export(config, str(tmp_path / "work")) == 0
+    assert export_mode.run(config, str(tmp_path / "work")) == 0
     tensors, meta = load_safetensors(tmp_path / "out" / "model.safetensors")
     assert_same_state(tensors, export.state_dict_for_export(params, config))
     assert meta["source"] == str(source) and meta["step"] is None
 
 
-def test_export_mode_without_weights_is_one_error_line(tmp_path, capsys):
+def test_export_mode_without_weights_is_one_error_line(tmp_path):
     config = small_config("rankseg")
-    assert export.export(config, str(tmp_path)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no checkpoint in") and "init_from" in err[0]
+    with pytest.raises(UserError) as info:
+        export_mode.run(config, str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("no checkpoint in") and "init_from" in message
     assert not (tmp_path / "export").exists()
 
 
@@ -435,7 +439,7 @@ def test_without_torch_safetensors_is_still_written(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(tp, "_import_torch", lambda: None)
     config = small_config("rankseg")
     _, params = random_params(config)
-    with pytest.raises(export.ExportError, match=r"model.pth needs PyTorch.*model.safetensors"):
+    with pytest.raises(ConfigError, match=r"model.pth needs PyTorch.*model.safetensors"):
         export.export_params(params, config, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
     assert_same_state(
@@ -448,7 +452,7 @@ def test_export_imports_and_runs_without_torch(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from rankseg_jax import commands\n"
+        "from rankseg_jax.modes import export as export_mode\n"
         "from rankseg_jax.convert import export, mmseg\n"
         "from tests.test_export import random_params, small_config\n"
         "config = small_config('mask', formats=('safetensors',))\n"
@@ -476,7 +480,7 @@ def test_export_imports_and_runs_without_torch(tmp_path):
 def test_export_config_errors_before_writing(tmp_path, head, overrides, message):
     config = small_config(head, **overrides)
     _, params = random_params(config)
-    with pytest.raises(export.ExportError, match=message):
+    with pytest.raises(ConfigError, match=message):
         export.export_params(params, config, tmp_path)
     assert not list(tmp_path.iterdir())
 
@@ -485,7 +489,7 @@ def test_segmenter_layout_needs_a_segmenter_normalisation():
     config = small_config("mask", width=128, segmenter_layout=True)
     with config.unlocked():
         config.data.mean = (120.0, 120.0, 120.0)
-    with pytest.raises(export.ExportError, match="only 'vit'.*and 'deit'"):
+    with pytest.raises(ConfigError, match="only 'vit'.*and 'deit'"):
         export.check_export_config(config)
 
 
@@ -499,7 +503,7 @@ def test_training_file_with_optimizer_and_module_prefix_loads(torch, tmp_path):
     state = export.state_dict_for_export(params, config)
     momentum = {i: {"momentum_buffer": v * 0.5} for i, v in enumerate(state.values())}
     trained = {
-        "meta": {"iter": 16000, "CLASSES": ADE_NAMES},
+        "meta": {"iter": 16000, "CLASSES": ADE20K.class_names},
         "state_dict": collections.OrderedDict(("module." + k, v) for k, v in state.items()),
         "optimizer": {"state": momentum, "param_groups": [{"lr": 1e-3, "momentum": 0.9}]},
     }
@@ -511,14 +515,14 @@ def test_training_file_with_optimizer_and_module_prefix_loads(torch, tmp_path):
 def test_segmenter_layout_into_a_rankseg_config_is_refused(torch, tmp_path):
     config = small_config("mask", width=128)
     _, params = random_params(config)
-    official = tp.mmseg_to_segmenter(export.state_dict_for_export(params, config), n_cls=150)
+    official = layout.mmseg_to_segmenter(export.state_dict_for_export(params, config), n_cls=150)
     path = tmp_path / "checkpoint.pth"
     tp.save_pth({"model": official, "n_cls": 150}, path)
     rankseg = small_config("rankseg", width=128)
-    with pytest.raises(mmseg.CheckpointMismatchError) as info:
+    with pytest.raises(CheckpointError) as info:
         loading.load_params(path, create_model(rankseg.model), rankseg)
     assert str(path) in str(info.value)
-    assert "checkpoint has a 'mask' head, config model.head='rankseg'" in str(info.value)
+    assert "checkpoint has a 'full' head, config model.classifier='rankseg'" in str(info.value)
     assert "official-Segmenter-layout" in str(info.value)
 
 
@@ -541,7 +545,7 @@ def test_other_mismatch_messages(tmp_path, change, message):
     with other.unlocked():
         other.model.oce = change.get("oce", False)
         other.model.oce_start_layer = 1 if other.model.oce else -1
-    with pytest.raises(mmseg.CheckpointMismatchError, match=message) as info:
+    with pytest.raises(CheckpointError, match=message) as info:
         loading.load_params(tmp_path / "model.safetensors", create_model(other.model), other)
     assert "model.safetensors" in str(info.value)
 
@@ -550,5 +554,5 @@ def test_non_checkpoint_pth_is_a_clear_error(torch, tmp_path):
     path = tmp_path / "list.pth"
     tp.save_pth([np.zeros(3, np.float32)], path)
     config = small_config("mask")
-    with pytest.raises(tp.CheckpointError, match="not a checkpoint: a list"):
+    with pytest.raises(CheckpointError, match="not a checkpoint: a list"):
         loading.load_params(path, create_model(config.model), config)

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import ConfigError, with_defaults
 from rankseg_jax import losses
+from rankseg_jax.config import with_defaults
 from rankseg_jax.convert import mmseg
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.heads import gt_class_slots
 
 FIXTURE_NAMES = {"rankseg": "rankseg", "mask": "baseline"}
@@ -43,7 +44,7 @@ def assert_close_to_max(actual, expected, tol, what=""):
 @pytest.fixture(scope="module")
 def official_terms(official, official_small):
     """{head: (LossTerms, grads as an mmseg state dict)} on x64/y64, deterministic."""
-    from rankseg_jax.testing.official import small_config
+    from rankseg_testing.official import small_config
 
     images = jnp.asarray(np.load(official / "x64.npy").transpose(0, 2, 3, 1))
     labels = jnp.asarray(np.load(official / "y64.npy").astype(np.int32))
@@ -92,7 +93,7 @@ def test_gradients_match_official(official, official_terms, head):
 # Against the torch reference's functions
 # --------------------------------------------------------------------------------------------
 
-tr = pytest.importorskip("rankseg_jax.testing.torch_reference")
+tr = pytest.importorskip("rankseg_testing.torch_reference")
 
 
 def to_torch(x, requires_grad=False):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rankseg_jax import metrics
+from rankseg_jax.errors import InputError
 
 
 def definition_scores(preds, labels, n_cls, ignore=255):
@@ -137,5 +138,5 @@ def test_table_and_json(tmp_path):
 
 
 def test_bad_counts_shape_is_clear():
-    with pytest.raises(metrics.MetricsError, match=r"shape \(3, 4\)"):
+    with pytest.raises(InputError, match=r"shape \(3, 4\)"):
         metrics.MeanIoU(4).update(np.zeros((3, 5)))

@@ -17,7 +17,7 @@ from rankseg_jax.convert import mmseg
 from rankseg_jax.convert.loading import expected_params
 from rankseg_jax.models.segmenter import create_model, scatter_to_classes
 
-tr = pytest.importorskip("rankseg_jax.testing.torch_reference")
+tr = pytest.importorskip("rankseg_testing.torch_reference")
 
 
 def jax_config(head="rankseg", width=64, depth=2, heads=2, img=64, n_cls=150, k=50, oce=False):
@@ -33,10 +33,11 @@ def jax_config(head="rankseg", width=64, depth=2, heads=2, img=64, n_cls=150, k=
 
 def torch_model(config, seed=0):
     m = config.model
+    head = "mask" if m.classifier == "full" else m.classifier  # the reference's names
     dims = dict(width=m.width or 768, depth=m.depth or 12, heads=m.num_heads or 12)
     ref = tr.build_segmenter(
         tr.SegmenterConfig(
-            head=m.head, img_size=tuple(m.img_size), embed_dims=dims["width"],
+            head=head, img_size=tuple(m.img_size), embed_dims=dims["width"],
             num_layers=dims["depth"], num_heads=dims["heads"], oce=m.oce, n_cls=m.n_cls,
             d_model=dims["width"], head_layers=m.dec_layers, head_heads=dims["heads"],
             d_ff=4 * dims["width"], topk_cls=m.k,
@@ -49,7 +50,7 @@ def jax_params(config, ref):
     state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     model = create_model(config.model)
     params = mmseg.state_dict_to_params(
-        state, expected_params(model, config), gt_head=config.model.head == "gt"
+        state, expected_params(model, config), gt_head=config.model.classifier == "gt"
     )
     return model, params
 
@@ -152,7 +153,7 @@ def test_gt_head_single_class_gives_bias(torch):
 
 def test_state_dict_round_trip_and_order(official, torch):
     """Flax params → mmseg state dict reproduces the official key order and every tensor."""
-    from rankseg_jax.testing.official import load_small, read_state_dict
+    from rankseg_testing.official import load_small, read_state_dict
 
     for name, head in [("rankseg", "rankseg"), ("baseline", "mask")]:
         state = read_state_dict(official / f"{name}_small.pth")

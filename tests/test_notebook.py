@@ -15,11 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from rankseg_jax.configuration import load_config
+from rankseg_jax.config import load_config
 from rankseg_jax.convert import loading, mmseg
 from rankseg_jax.convert.safetensors_io import save_safetensors
 from rankseg_jax.data import synthetic
-from rankseg_jax.data.sources import make_source
+from rankseg_jax.data.readers import make_source
 from rankseg_jax.metrics import MeanIoU, counts_numpy
 from rankseg_jax.models.segmenter import create_model
 
@@ -136,7 +136,7 @@ def test_notebook_miou_matches_its_predictions(executed):
 
 def test_notebook_miou_equals_eval_mode(executed, tmp_path):
     """`main.py --mode=eval` on the same config, checkpoint and images writes the same mIoU."""
-    from rankseg_jax import commands
+    from rankseg_jax.modes import evaluate as evaluate_mode
 
     nb, out = executed
     notebook = json.loads((out / "eval_results.json").read_text())
@@ -145,7 +145,7 @@ def test_notebook_miou_equals_eval_mode(executed, tmp_path):
         config.init_from = notebook["weights"]
         config.data.root = str(out / "synthetic_ade" / "ADEChallengeData2016")
         config.eval.max_images = IMAGES
-    assert commands.run("eval", config, str(tmp_path)) == 0
+    assert evaluate_mode.run(config, str(tmp_path)) == 0
     (written,) = (tmp_path / "eval").glob("results_step*.json")
     results = json.loads(written.read_text())
     assert results["mIoU"] == pytest.approx(notebook["mIoU"], abs=1e-12)

@@ -10,7 +10,8 @@ import pytest
 
 from rankseg_jax.data import pipeline as pl
 from rankseg_jax.data import transforms as T
-from rankseg_jax.testing.fake_data import FakeSource
+from rankseg_jax.errors import CheckpointError, CorruptDataError
+from rankseg_testing.fake_data import FakeSource
 
 AUG = T.TrainAugment(crop_size=(32, 32), img_scale=(128, 32), ignore_index=255)
 CFG = pl.PipelineConfig(seed=3, global_batch=4, augment=AUG, test_scale=(128, 32))
@@ -152,7 +153,7 @@ def test_set_state_accepts_json_and_other_process_counts():
 
 
 def test_pipeline_config_from_schema_config():
-    common = pytest.importorskip("configs.common")
+    common = pytest.importorskip("rankseg_jax.config")
     config = common.with_defaults()
     cfg = pl.PipelineConfig.from_config(config)
     assert cfg.augment.crop_size == (512, 512) and cfg.augment.img_scale == (2048, 512)
@@ -166,9 +167,9 @@ def test_set_state_rejects_foreign_state():
     it = pl.TrainIterator(FakeSource(12), CFG, process_index=0, process_count=1)
     state = it.get_state()
     for key, value in (("seed", 99), ("global_batch", 8), ("num_examples", 13)):
-        with pytest.raises(pl.DataStateError, match=key):
+        with pytest.raises(CheckpointError, match=key):
             it.set_state({**state, key: value})
-    with pytest.raises(pl.DataStateError, match="lacks"):
+    with pytest.raises(CheckpointError, match="lacks"):
         it.set_state({"step": 3})
 
 
@@ -185,7 +186,7 @@ def test_clear_errors_for_bad_sizes():
 def test_corrupt_record_stops_by_default_through_workers():
     source = FakeSource(8, corrupt=tuple(range(8)))
     cfg = dataclasses.replace(CFG, num_workers=1)
-    with pytest.raises(pl.CorruptRecordError, match=r"record \d+ of FakeSource"):
+    with pytest.raises(CorruptDataError, match=r"record \d+ of FakeSource"):
         local_batches(source, cfg, 0, 1, 2)
 
 
@@ -258,7 +259,7 @@ def test_eval_multi_scale_images():
 
 def test_eval_skip_corrupt_pads_and_counts():
     source = FakeSource(5, corrupt=(2,))
-    with pytest.raises(pl.CorruptRecordError, match="record 2"):
+    with pytest.raises(CorruptDataError, match="record 2"):
         list(pl.eval_batches(source, CFG, process_index=0, process_count=1))
     cfg = dataclasses.replace(CFG, skip_corrupt=True)
     batches = list(pl.eval_batches(source, cfg, process_index=0, process_count=1))

@@ -8,15 +8,20 @@ import json
 import pathlib
 
 import cv2
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from rankseg_jax import predict, visualize
-from rankseg_jax.configuration import load_config
+from rankseg_jax import inference, predict, visualize
+from rankseg_jax.config import load_config
 from rankseg_jax.convert import mmseg
 from rankseg_jax.convert.safetensors_io import save_safetensors
 from rankseg_jax.data import synthetic
+from rankseg_jax.errors import InputError, UserError
+from rankseg_jax.models.segmenter import Segmenter
+from rankseg_jax.modes import predict as predict_mode
 from rankseg_jax.segmentor import Segmentor
 
 GOOD = ("ADE_val_00000001", "ADE_val_00000002", "photo")
@@ -33,10 +38,10 @@ def tiny_config(**predict_keys):
 
 
 def run_mode(config, workdir) -> tuple[int, str, str]:
-    """predict.run with its stdout and stderr captured."""
+    """The predict mode with its stdout and stderr captured."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = predict.run(config, str(workdir))
+        code = predict_mode.run(config, str(workdir))
     return code, out.getvalue(), err.getvalue()
 
 
@@ -159,10 +164,10 @@ def test_colour_png_uses_the_palette(folder_run):
 def test_input_without_weights_fails_in_one_line(tmp_path):
     image, _ = synthetic.make_example(0, 1, 0, 112, 128)
     assert cv2.imwrite(str(tmp_path / "a.jpg"), image)
-    code, _, stderr = run_mode(tiny_config(input=str(tmp_path / "a.jpg")), tmp_path / "wd")
-    assert code == 2
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "no checkpoint" in lines[0] and "init_from" in lines[0]
+    with pytest.raises(UserError) as info:
+        run_mode(tiny_config(input=str(tmp_path / "a.jpg")), tmp_path / "wd")
+    message = str(info.value)
+    assert "\n" not in message and "no checkpoint" in message and "init_from" in message
     assert not (tmp_path / "wd" / "predict").exists()
 
 
@@ -173,10 +178,10 @@ def test_bad_inputs(tmp_path):
         (str(tmp_path / "empty"), "no images in folder"),
         (str(tmp_path / "*.jpg"), "no images in glob"),
     ]:
-        with pytest.raises(predict.PredictError, match=message):
+        with pytest.raises(InputError, match=message):
             predict.find_images(spec)
-    code, _, stderr = run_mode(tiny_config(input=str(tmp_path / "empty")), tmp_path)
-    assert code == 2 and stderr.startswith("error: predict.input: no images")
+    with pytest.raises(InputError, match="^predict.input: no images"):
+        run_mode(tiny_config(input=str(tmp_path / "empty")), tmp_path)
 
 
 def test_none_readable_exits_1(tmp_path, weights):
@@ -240,3 +245,36 @@ def test_mask_head_scores_are_mean_probabilities():
     assert "probability" in pred.score_kind
     record = predict.prediction_record(predictor, pred, "x.jpg", image.shape[:2])
     assert len(record["topk"]) == predict.JSON_TOPK_NO_RANKSEG and "selected" not in record
+
+
+def test_predict_runs_the_model_once_per_window(monkeypatch):
+    """The label map and the image-level scores share the model calls: every model execution
+    is one window batch of the inference, and the windows are exactly the slide windows of the
+    image's passes (no second pass over the scale-1.0 windows for the scores)."""
+    executed = []
+    original = Segmenter.__call__
+
+    def counting(self, images, train=False, gt_labels=None):
+        jax.debug.callback(lambda n: executed.append(int(n)), jnp.asarray(images.shape[0]))
+        return original(self, images, train, gt_labels)
+
+    monkeypatch.setattr(Segmenter, "__call__", counting)
+    config = tiny_config()
+    with config.unlocked():
+        config.eval.update(scales=(0.75, 1.0), flip=True, window_batch=4)
+    predictor = predict.Predictor(Segmentor.from_config(config))
+    image, _ = synthetic.make_example(3, 1, 0, 96, 200)
+    pred = predictor(image)
+    crop, stride = tuple(config.eval.crop), tuple(config.eval.stride)
+    windows = sum(
+        len(
+            inference.slide_windows(
+                *p.shape[:2], (min(crop[0], p.shape[0]), min(crop[1], p.shape[1])), stride
+            )
+        )
+        for p, _ in predictor.passes(image)
+    )
+    assert windows > 4 and pred.windows == windows == predictor.inferencer.windows_run
+    assert len(executed) == predictor.inferencer.batches_run
+    assert sum(executed) == predictor.inferencer.batches_run * 4  # fixed batches of 4 windows
+    assert pred.scores.shape == (150,) and np.all((pred.scores >= 0) & (pred.scores <= 1))

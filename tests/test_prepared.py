@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rankseg_jax.data import base, imageio, synthetic
+from rankseg_jax.data import imageio, synthetic
 from rankseg_jax.data import pipeline as pl
 from rankseg_jax.data import transforms as T
 from rankseg_jax.data.prepared import PreparedSource, builder_name
-from rankseg_jax.data.sources import make_source, source_from_config
+from rankseg_jax.data.readers import make_source
+from rankseg_jax.data.sources import source_from_config
+from rankseg_jax.errors import DatasetError, DatasetNotFoundError
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow_datasets not installed")
 builders = pytest.importorskip("rankseg_jax.data.tfds_builders.builders")
@@ -99,7 +101,7 @@ def test_source_from_config_tfds_matches_directory(ade):
         directory = source_from_config(tfds_config(root, data_dir, "directory"), split)
         assert isinstance(prepared, PreparedSource) and len(prepared) == len(directory)
         assert_same_example(prepared[0], directory[0])
-    with pytest.raises(base.DatasetError, match="unknown data.source 'gcs'"):
+    with pytest.raises(DatasetError, match="unknown data.source 'gcs'"):
         source_from_config(tfds_config(root, data_dir, "gcs"), "val")
 
 
@@ -135,7 +137,7 @@ def test_pipeline_batches_identical(ade):
 def test_missing_prepared_data_names_place_and_command(tmp_path, ade):
     root, _ = ade
     empty = tmp_path / "empty_tfds"
-    with pytest.raises(base.DatasetNotFoundError) as err:
+    with pytest.raises(DatasetNotFoundError) as err:
         source_from_config(tfds_config(root, str(empty)), "train")
     message = str(err.value)
     assert "\n" not in message

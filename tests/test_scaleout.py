@@ -1,5 +1,5 @@
 """Scale-out: meshes, FSDP, restore onto another mesh, two real processes (rankseg_jax/sharding.py,
-rankseg_jax/train.py; the multi-device checks run `rankseg_jax.testing.scaleout` in subprocesses
+rankseg_jax/train.py; the multi-device checks run `rankseg_testing.scaleout` in subprocesses
 with 8 simulated CPU devices or a localhost jax.distributed cluster)."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from conftest import REPO
 
 from rankseg_jax import optim, train
 from rankseg_jax import sharding as shd
-from rankseg_jax.testing.scaleout import tiny_config
+from rankseg_jax.errors import ConfigError
+from rankseg_testing.scaleout import tiny_config
 
 TOLERANCE = 1e-5  # max|Δθ| ≤ 1e-5 · max|θ| between meshes / process counts
 TIMEOUT_S = 300
@@ -33,7 +34,7 @@ def _env(devices: int | None = None) -> dict[str, str]:
 
 
 def _command(name: str, out, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rankseg_jax.testing.scaleout", name, f"--out={out}", *extra]
+    return [sys.executable, "-m", "rankseg_testing.scaleout", name, f"--out={out}", *extra]
 
 
 def _run(name: str, out, devices: int = 8) -> dict:
@@ -164,7 +165,7 @@ def test_rules_optimizer_state_and_table():
     assert paths["0/trace/enc/bias"].spec == jax.P("fsdp")
     table = shd.sharding_table(params, specs)
     assert "enc/bias" in table and "(4,)" in table and "P('fsdp',)" in table
-    with pytest.raises(shd.MeshError, match="unknown tactic"):
+    with pytest.raises(ConfigError, match="unknown tactic"):
         shd.param_shardings(params, mesh, rules=((".*", "shard_everything"),))
 
 
@@ -173,18 +174,18 @@ def test_mesh_from_config_errors_name_both_numbers():
     n = jax.device_count()
     with config.unlocked():
         config.batch_size = 2 * n + 1 if n > 1 else 0
-    with pytest.raises(shd.MeshError, match=rf"batch_size={config.batch_size} .* {n} devices"):
+    with pytest.raises(ConfigError, match=rf"batch_size={config.batch_size} .* {n} devices"):
         shd.mesh_from_config(config)
     with config.unlocked():
         config.batch_size, config.mesh.data = 2, n + 1
-    with pytest.raises(shd.MeshError, match=rf"= {n + 1} devices, but there are {n} devices"):
+    with pytest.raises(ConfigError, match=rf"= {n + 1} devices, but there are {n} devices"):
         shd.mesh_from_config(config)
 
 
 def test_gradient_accumulation_updates_every_k_steps():
     """optimizer.grad_accum_steps=2 (optax.MultiSteps): params move on steps 2 and 4 only."""
     from rankseg_jax.models.segmenter import create_model
-    from rankseg_jax.testing.scaleout import random_batches
+    from rankseg_testing.scaleout import random_batches
 
     config = tiny_config(batch_size=2)
     with config.unlocked():

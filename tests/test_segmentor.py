@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rankseg_jax import Segmentor, evaluate
-from rankseg_jax.testing.official import small_config
+from rankseg_jax import Segmentor, inference
+from rankseg_jax.errors import ConfigError
+from rankseg_testing.official import small_config
 
 FIXTURE_NAME = {"rankseg": "rankseg", "mask": "baseline"}
 
@@ -58,14 +59,14 @@ def test_predict_raw_image(segmentors):
 
 def test_from_config_string_and_errors(official, segmentors):
     seg = Segmentor.from_config("configs/ade20k_segmenter.py:runlocal")
-    assert seg.config.model.head == "rankseg"
+    assert seg.config.model.classifier == "rankseg"
     with pytest.raises(ValueError, match="no image-level class scores"):
         segmentors["mask"].class_scores(np.zeros((1, 64, 64, 3), np.float32))
     with pytest.raises(ValueError, match=r"uint8 RGB image \(H, W, 3\)"):
         seg.predict(np.zeros((10, 10), np.uint8))
     with pytest.raises(ValueError, match="H≥16"):
         seg.logits(np.zeros((1, 8, 64, 3), np.float32))
-    with pytest.raises(FileNotFoundError, match="nope.py"):
+    with pytest.raises(ConfigError, match="nope.py"):
         Segmentor.from_config("configs/nope.py")
 
 
@@ -80,5 +81,5 @@ def test_predict_uses_config_scales(official):
     image = np.concatenate([half, half[:, ::-1]], axis=1)
     labels = seg.predict(image)
     np.testing.assert_array_equal(labels, labels[:, ::-1])
-    _, kw = evaluate.settings_from_config(config)
+    _, kw = inference.settings_from_config(config)
     assert kw["ratios"] == (0.75, 1.0) and kw["flip"]

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from rankseg_jax import sharding as shd
+from rankseg_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def test_mesh_shape_resolves_minus_one(data, fsdp, n, expected):
     ],
 )
 def test_mesh_shape_errors_are_clear(data, fsdp, n, message):
-    with pytest.raises(shd.MeshError, match=message):
+    with pytest.raises(ConfigError, match=message):
         shd.mesh_shape(data, fsdp, n)
 
 
@@ -41,7 +42,7 @@ def test_make_mesh_on_this_machine():
     mesh = shd.make_mesh(-1, 1)
     assert mesh.axis_names == ("data", "fsdp") and mesh.shape["fsdp"] == 1
     assert shd.local_batch_size(2 * mesh.size, mesh) == 2 * mesh.size
-    with pytest.raises(shd.MeshError, match="mesh size|devices"):
+    with pytest.raises(ConfigError, match="mesh size|devices"):
         shd.make_mesh(mesh.size + 1, 1)
 
 
@@ -51,6 +52,7 @@ _FOUR_DEVICES = textwrap.dedent(
     jax.config.update("jax_num_cpu_devices", 4)
     from jax.sharding import AxisType, PartitionSpec as P
     from rankseg_jax import sharding as shd
+    from rankseg_jax.errors import ConfigError
     mesh = shd.make_mesh(2, -1)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2}, mesh.shape
     assert all(t == AxisType.Auto for t in mesh.axis_types)
@@ -60,7 +62,7 @@ _FOUR_DEVICES = textwrap.dedent(
     try:
         shd.local_batch_size(6, mesh)
         raise SystemExit("no error for batch 6 on 4 devices")
-    except shd.MeshError as err:
+    except ConfigError as err:
         assert "not divisible by the 4 devices" in str(err)
     local = {"x": np.arange(8 * 3, dtype=np.float32).reshape(8, 3)}
     out = shd.make_global_batch(local, s)["x"]

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from rankseg_jax.data import synthetic
-from rankseg_jax.data.base import DatasetError
-from rankseg_jax.data.sources import make_source
+from rankseg_jax.data.readers import make_source
+from rankseg_jax.errors import DatasetError
 
 N_TRAIN, N_VAL = 6, 3
 

@@ -14,8 +14,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from rankseg_jax.convert import segmenter_layout as layout
 from rankseg_jax.convert import torch_pickle as tp
-from rankseg_jax.testing.torch_files import Global, TensorSpec, build_pickle, write_torch_zip
+from rankseg_jax.errors import CheckpointError, UnsafeCheckpointError
+from rankseg_testing.torch_files import Global, TensorSpec, build_pickle, write_torch_zip
 
 BOTH = [False, True]  # use_torch
 
@@ -68,7 +70,9 @@ def test_official_fixture_same_with_and_without_torch(official, torch, name):
 
 
 def test_official_fixture_state_dict(official):
-    sd = tp.state_dict_from_checkpoint(tp.load_pth(official / "rankseg_small.pth", use_torch=False))
+    sd = layout.state_dict_from_checkpoint(
+        tp.load_pth(official / "rankseg_small.pth", use_torch=False)
+    )
     assert len(sd) == 79 and sum(v.size for v in sd.values()) == 332_474  # fixtures README
     assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in sd.values())
     assert sd["backbone.layers.0.attn.attn.in_proj_weight"].shape == (192, 64)
@@ -144,7 +148,7 @@ def test_checkpoint_with_optimizer_state(torch, tmp_path):
     group = free["optimizer"]["param_groups"][0]
     assert group["momentum"] == 0.9 and group["params"] == [0, 1, 2, 3]
     assert free["optimizer"]["state"][0]["momentum_buffer"].shape == (4, 3)
-    sd = tp.state_dict_from_checkpoint(free)  # "module." stripped, optimizer ignored
+    sd = layout.state_dict_from_checkpoint(free)  # "module." stripped, optimizer ignored
     assert list(sd) == list(model.state_dict())
     np.testing.assert_array_equal(sd["0.weight"], model[0].weight.detach().numpy())
 
@@ -201,7 +205,7 @@ def test_hand_built_torch1_zip(tmp_path, use_torch, prefix, byteorder):
 def test_legacy_non_zip_file_is_refused(torch, tmp_path, use_torch):
     path = tmp_path / "legacy.pth"
     torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(tp.LegacyCheckpointError, match=r"legacy.*re-save it with a recent torch"):
+    with pytest.raises(CheckpointError, match=r"legacy.*re-save it with a recent torch"):
         tp.load_pth(path, use_torch=use_torch)
 
 
@@ -210,18 +214,18 @@ def test_missing_and_non_checkpoint_files(tmp_path):
         tp.load_pth(tmp_path / "nope.pth", use_torch=False)
     text = tmp_path / "notes.pth"
     text.write_text("hello")
-    with pytest.raises(tp.CheckpointError, match="not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         tp.load_pth(text, use_torch=False)
     plain = tmp_path / "plain.pth"
     plain.write_bytes(pickle.dumps({"a": 1}, protocol=2))
-    with pytest.raises(tp.CheckpointError, match="plain pickle"):
+    with pytest.raises(CheckpointError, match="plain pickle"):
         tp.load_pth(plain, use_torch=False)
     other_zip = tmp_path / "other.pth"
     with zipfile.ZipFile(other_zip, "w") as zf:
         zf.writestr("x/readme.txt", "hi")
-    with pytest.raises(tp.CheckpointError, match="no 'x/data.pkl' record"):
+    with pytest.raises(CheckpointError, match="no 'x/data.pkl' record"):
         tp.load_pth(other_zip, use_torch=False)
-    with pytest.raises(tp.CheckpointError, match="directory"):
+    with pytest.raises(CheckpointError, match="directory"):
         tp.load_pth(tmp_path, use_torch=False)
 
 
@@ -251,7 +255,7 @@ def test_malicious_pickles_are_refused_and_run_nothing(tmp_path, use_torch):
     for name, payload in payloads.items():
         path = tmp_path / f"{name}.pth"
         _hostile_zip(path, payload)
-        with pytest.raises(tp.UnsafeCheckpointError, match=name):
+        with pytest.raises(UnsafeCheckpointError, match=name):
             _load(path, use_torch)
         assert not marker.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.pth" for n in payloads)
@@ -261,19 +265,19 @@ def test_out_of_bounds_view_is_refused(tmp_path):
     path = tmp_path / "oob.pth"
     spec = TensorSpec("0", np.float32, 4, 2, (2, 3), (3, 1))  # last element 2 + 3 + 2 = 7 > 3
     write_torch_zip(str(path), build_pickle({"w": spec}), {"0": np.zeros(4, np.float32).tobytes()})
-    with pytest.raises(tp.CheckpointError, match="reads past the end of storage"):
+    with pytest.raises(CheckpointError, match="reads past the end of storage"):
         tp.load_pth(path, use_torch=False)
     short = tmp_path / "short.pth"
     spec = TensorSpec("0", np.float32, 8, 0, (8,), (1,))
     write_torch_zip(str(short), build_pickle({"w": spec}), {"0": b"\0" * 16})
-    with pytest.raises(tp.CheckpointError, match="has 16 bytes, the pickle says 32"):
+    with pytest.raises(CheckpointError, match="has 16 bytes, the pickle says 32"):
         tp.load_pth(short, use_torch=False)
 
 
 def test_new_dtype_without_legacy_storage_is_named(torch, tmp_path):
     path = tmp_path / "u16.pth"
     torch.save({"w": torch.zeros(2, dtype=torch.uint16)}, path)
-    with pytest.raises(tp.UnsafeCheckpointError, match=r"torch\._utils\._rebuild_tensor_v3"):
+    with pytest.raises(UnsafeCheckpointError, match=r"torch\._utils\._rebuild_tensor_v3"):
         tp.load_pth(path, use_torch=False)
 
 
@@ -281,19 +285,19 @@ def test_new_dtype_without_legacy_storage_is_named(torch, tmp_path):
 
 
 def test_state_dict_from_checkpoint_errors():
-    with pytest.raises(tp.CheckpointError, match="no 'state_dict' or 'model' entry"):
-        tp.state_dict_from_checkpoint({"meta": {}, "epoch": 3})
-    with pytest.raises(tp.CheckpointError, match="not a checkpoint"):
-        tp.state_dict_from_checkpoint([1, 2])
-    with pytest.raises(tp.CheckpointError, match="non-tensor"):
-        tp.state_dict_from_checkpoint({"state_dict": {"a": 1}})
+    with pytest.raises(CheckpointError, match="no 'state_dict' or 'model' entry"):
+        layout.state_dict_from_checkpoint({"meta": {}, "epoch": 3})
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        layout.state_dict_from_checkpoint([1, 2])
+    with pytest.raises(CheckpointError, match="non-tensor"):
+        layout.state_dict_from_checkpoint({"state_dict": {"a": 1}})
 
 
 def test_segmenter_layout_round_trip(official):
-    sd = tp.state_dict_from_checkpoint(
+    sd = layout.state_dict_from_checkpoint(
         tp.load_pth(official / "baseline_small.pth", use_torch=False)
     )
-    official_sd = tp.mmseg_to_segmenter(sd, n_cls=150)
+    official_sd = layout.mmseg_to_segmenter(sd, n_cls=150)
     assert official_sd["encoder.head.weight"].shape == (1000, 64)
     assert official_sd["encoder.head.bias"].shape == (1000,)
     assert "encoder.blocks.1.attn.qkv.weight" in official_sd
@@ -302,18 +306,20 @@ def test_segmenter_layout_round_trip(official):
         list(official_sd).index("encoder.head.weight")
         == list(official_sd).index("encoder.norm.bias") + 1
     )
-    back = tp.segmenter_to_mmseg(official_sd)
+    back = layout.segmenter_to_mmseg(official_sd)
     _assert_same_tree(back, sd)
-    from_file_layout = tp.state_dict_from_checkpoint({"model": official_sd, "n_cls": 150})
+    from_file_layout = layout.state_dict_from_checkpoint({"model": official_sd, "n_cls": 150})
     _assert_same_tree(from_file_layout, sd)
-    with pytest.raises(tp.CheckpointError, match=r"expected \(1, 21, 64\)"):
-        tp.mmseg_to_segmenter(sd, n_cls=21)
+    with pytest.raises(CheckpointError, match=r"expected \(1, 21, 64\)"):
+        layout.mmseg_to_segmenter(sd, n_cls=21)
 
 
 def test_rankseg_head_has_no_segmenter_layout(official):
-    sd = tp.state_dict_from_checkpoint(tp.load_pth(official / "rankseg_small.pth", use_torch=False))
-    with pytest.raises(tp.CheckpointError, match="decode_head.decoder_norm2"):
-        tp.mmseg_to_segmenter(sd, n_cls=150)
+    sd = layout.state_dict_from_checkpoint(
+        tp.load_pth(official / "rankseg_small.pth", use_torch=False)
+    )
+    with pytest.raises(CheckpointError, match="decode_head.decoder_norm2"):
+        layout.mmseg_to_segmenter(sd, n_cls=150)
 
 
 # ------------------------------------------------------------------ writing

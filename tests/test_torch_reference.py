@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rankseg_jax.testing import torch_reference as tr  # noqa: E402
+from rankseg_testing import torch_reference as tr  # noqa: E402
 
 FWD_ATOL = 1e-5
 FWD_RTOL = 1e-5

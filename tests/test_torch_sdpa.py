@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-tr = pytest.importorskip("rankseg_jax.testing.torch_reference")
-sdpa = pytest.importorskip("rankseg_jax.testing.torch_sdpa")
+tr = pytest.importorskip("rankseg_testing.torch_reference")
+sdpa = pytest.importorskip("rankseg_testing.torch_sdpa")
 
 
 def small(head):

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_train_config
 
-from rankseg_jax import checkpoint, evaluate, provenance
+from rankseg_jax import checkpoint, inference
 from rankseg_jax import train as train_lib
 from rankseg_jax.convert.loading import expected_params
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.segmenter import create_model
 
 
@@ -69,7 +70,7 @@ def test_train_step_compiles_once(synthetic_ade, tmp_path, monkeypatch):
         step_fn = original(*args, **kwargs)
 
         def wrapped(state, batch):
-            with evaluate.count_compilations() as names:
+            with inference.count_compilations() as names:
                 out = step_fn(state, batch)
             compiles.extend(names)
             calls.append(1)
@@ -104,7 +105,7 @@ def test_resume_refuses_another_model(synthetic_ade, tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path))
     with config.unlocked():
         config.model.width = 48
-    with pytest.raises(provenance.ResumeMismatchError, match=r"model.width: 32 → 48"):
+    with pytest.raises(ConfigError, match=r"model.width: 32 → 48"):
         train_lib.train_and_evaluate(config, str(tmp_path))
     saved = json.loads((tmp_path / "provenance.json").read_text())
     assert saved[0]["weights"].startswith("random init") and saved[0]["git"]

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from rankseg_jax import visualize
+from rankseg_jax.errors import InputError
 
 
 def test_dataset_palettes_are_the_community_ones():
@@ -29,7 +30,7 @@ def test_dataset_palettes_are_the_community_ones():
 
 def test_custom_class_count_gets_generic_names_and_distinct_colours():
     names, palette = visualize.dataset_labels("ade20k", 12)
-    assert names[3] == "class 3" and palette.shape == (12, 3) and palette.dtype == np.uint8
+    assert names[3] == "class_3" and palette.shape == (12, 3) and palette.dtype == np.uint8
     assert len({tuple(c) for c in palette}) == 12
 
 
@@ -44,9 +45,9 @@ def test_colorize_and_blend():
     np.testing.assert_array_equal(mixed[..., 0], 178)  # (100 + 255) / 2 rounded, no borders
     edges = visualize.boundaries(labels)
     assert edges[0, 0] and edges[1, 1] and not edges[1, 0]  # a change to the right/below
-    with pytest.raises(visualize.VisualizeError, match="differ in size"):
+    with pytest.raises(InputError, match="differ in size"):
         visualize.blend(image, np.zeros((3, 3), np.int32), palette)
-    with pytest.raises(visualize.VisualizeError, match="integer"):
+    with pytest.raises(InputError, match="integer"):
         visualize.colorize(np.zeros((2, 2), np.float32), palette)
 
 
@@ -99,5 +100,5 @@ def test_write_png_round_trip(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     visualize.write_png(tmp_path / "rgb.png", rgb)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "rgb.png")), rgb)
-    with pytest.raises(visualize.VisualizeError, match="uint8 or uint16"):
+    with pytest.raises(InputError, match="uint8 or uint16"):
         visualize.write_png(tmp_path / "bad.png", rgb.astype(np.float32))

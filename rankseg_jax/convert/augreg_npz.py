@@ -21,13 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["AugRegError", "augreg_npz_to_mmseg", "augreg_to_mmseg", "load_augreg_npz"]
+from rankseg_jax.errors import CheckpointError
+
+__all__ = ["CheckpointError", "augreg_npz_to_mmseg", "augreg_to_mmseg", "load_augreg_npz"]
 
 _PREFIX = "opt/target/"
-
-
-class AugRegError(ValueError):
-    """An AugReg ``.npz`` that cannot be read or lacks a needed array."""
 
 
 def load_augreg_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -42,7 +40,7 @@ def load_augreg_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise AugRegError(f"{path}: not a readable .npz file: {err}") from None
+        raise CheckpointError(f"{path}: not a readable .npz file: {err}") from None
     if _PREFIX + "embedding/kernel" in arrays:
         arrays = {k[len(_PREFIX) :]: v for k, v in arrays.items() if k.startswith(_PREFIX)}
     return arrays
@@ -60,15 +58,16 @@ def resize_pos_embed(
     the square grid implied by the length.
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise AugRegError(f"pos_embed must be (1, 1 + h*w, D), got {pos_embed.shape}")
+        raise CheckpointError(f"pos_embed must be (1, 1 + h*w, D), got {pos_embed.shape}")
     tokens, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
     if old_grid is None:
         side = math.isqrt(tokens)
         if side * side != tokens:
-            raise AugRegError(f"pos_embed grid of {tokens} tokens is not square; give old_grid")
+            raise CheckpointError(f"pos_embed grid of {tokens} tokens is not square; give old_grid")
         old_grid = (side, side)
     if old_grid[0] * old_grid[1] != tokens:
-        raise AugRegError(f"pos_embed has {tokens} grid tokens, not {old_grid[0]}x{old_grid[1]}")
+        grid = f"{old_grid[0]}x{old_grid[1]}"
+        raise CheckpointError(f"pos_embed has {tokens} grid tokens, not {grid}")
     new_grid = (int(new_grid[0]), int(new_grid[1]))
     if tuple(old_grid) == new_grid:
         return np.ascontiguousarray(pos_embed, dtype=np.float32)
@@ -92,7 +91,7 @@ def _num_blocks(arrays: dict[str, np.ndarray]) -> int:
         if (m := re.match(r"Transformer/encoderblock_(\d+)/", k)) is not None
     }
     if not found or found != set(range(len(found))):
-        raise AugRegError(f"encoder blocks are not numbered 0..n-1 (found {sorted(found)})")
+        raise CheckpointError(f"encoder blocks are not numbered 0..n-1 (found {sorted(found)})")
     return len(found)
 
 
@@ -141,12 +140,12 @@ def augreg_to_mmseg(
 
     def get(name: str) -> np.ndarray:
         if name not in arrays:
-            raise AugRegError(f"{source}: missing array '{name}'")
+            raise CheckpointError(f"{source}: missing array '{name}'")
         return np.asarray(arrays[name], dtype=np.float32)
 
     kernel = get("embedding/kernel")  # (P, P, C, D) HWIO
     if kernel.ndim != 4:
-        raise AugRegError(f"{source}: embedding/kernel must be 4-D HWIO, got {kernel.shape}")
+        raise CheckpointError(f"{source}: embedding/kernel must be 4-D HWIO, got {kernel.shape}")
     dim = kernel.shape[-1]
     pos_embed = get("Transformer/posembed_input/pos_embedding")
     if grid is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import os
 import pathlib
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -30,16 +29,20 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import yaml
+from jax.experimental import multihost_utils
 
 import rankseg_jax
-from configs import common
-from rankseg_jax.convert import mmseg, safetensors_io, torch_pickle
+from rankseg_jax import recipes
+from rankseg_jax.convert import mmseg, safetensors_io, segmenter_layout, torch_pickle
+from rankseg_jax.data import readers
+from rankseg_jax.errors import ConfigError
+from rankseg_jax.models import segmenter
 
 __all__ = [
     "FORMATS",
-    "ExportError",
+    "ConfigError",
     "class_names_and_palette",
-    "export",
     "export_params",
     "mmseg_checkpoint",
     "model_description",
@@ -49,6 +52,8 @@ __all__ = [
 ]
 
 FORMATS = ("pth", "safetensors")
+# model.json's "head" keeps the recipe vocabulary (rankseg | mask | gt) of earlier exports.
+_HEAD_NAMES = {classifier: head for head, classifier in recipes.HEADS.items()}
 MMSEG_PTH = "model.pth"
 SAFETENSORS = "model.safetensors"
 SEGMENTER_DIR = "segmenter"
@@ -62,18 +67,12 @@ _SEGMENTER_BACKBONES = {
 }
 
 
-class ExportError(ValueError):
-    """An export that cannot be written as asked (bad formats, a layout the model lacks, ...)."""
-
-
 def host_params(params: Any) -> Any:
     """Params as host numpy arrays; arrays sharded over several processes are gathered first
     (a collective: every process must call this)."""
 
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
@@ -87,32 +86,21 @@ def state_dict_for_export(
 
     The GT-oracle head names its selected-class LayerNorm `mask_norm.gamma` / `.beta`.
     """
-    return mmseg.params_to_state_dict(host_params(params), gt_head=config.model.head == "gt")
+    return mmseg.params_to_state_dict(host_params(params), gt_head=config.model.classifier == "gt")
 
 
 def class_names_and_palette(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], list]:
-    """The dataset's class names and palette ((n_cls, 3) ints as nested lists), as mmseg's meta.
-
-    Falls back to `class_<i>` names and a seeded palette when the dataset's reader has no
-    definition for `model.n_cls` classes (a custom n_cls).
-    """
-    from rankseg_jax.data.sources import READERS
-
-    n_cls = config.model.n_cls
-    reader = READERS.get(config.data.dataset)
-    names = tuple(getattr(reader, "class_names", ()))
-    palette = np.asarray(getattr(reader, "palette", np.zeros((0, 3))))
-    if len(names) != n_cls or palette.shape != (n_cls, 3):
-        names = tuple(f"class_{i}" for i in range(n_cls))
-        palette = np.random.default_rng(n_cls).integers(0, 256, (n_cls, 3))
+    """The dataset's class names and palette ((n_cls, 3) ints as nested lists), as mmseg's meta
+    (readers.class_names_and_palette: the fallback for a custom n_cls is shared with predict)."""
+    names, palette = readers.class_names_and_palette(config.data.dataset, config.model.n_cls)
     return names, [[int(c) for c in row] for row in palette]
 
 
 def _model_sizes(config: ml_collections.ConfigDict) -> dict[str, Any]:
     m = config.model
-    sizes = dict(common.vit_dims(m))
+    sizes = dict(segmenter.vit_dims(m))
     sizes.update(patch_size=m.patch_size, img_size=list(m.img_size))
-    if m.head == "rankseg":
+    if m.classifier == "rankseg":
         sizes["downsample"] = m.downsample
     return sizes
 
@@ -127,7 +115,7 @@ def model_description(
         format="rankseg_jax export",
         layout="mmseg",
         variant=m.variant,
-        head=m.head,
+        head=_HEAD_NAMES[m.classifier],
         oce=bool(m.oce),
         n_cls=m.n_cls,
         k=m.k,
@@ -175,35 +163,35 @@ def _normalization(config: ml_collections.ConfigDict) -> str:
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     if mean == (127.5,) * 3 and std == (127.5,) * 3:
         return "vit"
-    if mean == common.IMAGENET_MEAN and std == common.IMAGENET_STD:
+    if mean == readers.IMAGENET_MEAN and std == readers.IMAGENET_STD:
         return "deit"
-    raise ExportError(
+    raise ConfigError(
         f"data.mean={mean}, data.std={std}: the official Segmenter knows only 'vit' "
         "(127.5/127.5) and 'deit' (ImageNet) normalisation"
     )
 
 
 def check_segmenter_layout(config: ml_collections.ConfigDict) -> None:
-    """Raise ExportError unless the official Segmenter code builds this exact model.
+    """Raise ConfigError unless the official Segmenter code builds this exact model.
 
     Its `create_decoder` derives the mask decoder from the encoder (width D, D/64 heads,
     4D MLP) and `create_vit` uses a 4D MLP; anything else would load wrongly or not at all.
     """
     m = config.model
-    if m.head != "mask" or m.oce:
-        what = "an OCE backbone" if m.oce else f"head={m.head!r}"
-        raise ExportError(
+    if m.classifier != "full" or m.oce:
+        what = "an OCE backbone" if m.oce else f"head={_HEAD_NAMES[m.classifier]!r}"
+        raise ConfigError(
             f"export.segmenter_layout: the official Segmenter has only the baseline mask "
             f"head, this model has {what}; use the mmseg .pth or .safetensors export"
         )
-    dims = common.vit_dims(m)
+    dims = segmenter.vit_dims(m)
     width = dims["width"]
     wanted = dict(
         mlp_dim=4 * width, dec_width=width, dec_heads=max(width // 64, 1), dec_mlp_dim=4 * width
     )
     wrong = [f"{k}={dims[k]} (needs {v})" for k, v in wanted.items() if dims[k] != v]
     if wrong:
-        raise ExportError(
+        raise ConfigError(
             "export.segmenter_layout: the official Segmenter derives these sizes from the "
             f"encoder width {width}: " + ", ".join(wrong)
         )
@@ -213,7 +201,7 @@ def check_segmenter_layout(config: ml_collections.ConfigDict) -> None:
 def segmenter_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The `variant.yml` that `segm.model.factory.load_model` reads beside `checkpoint.pth`."""
     m, d = config.model, config.data
-    dims = common.vit_dims(m)
+    dims = segmenter.vit_dims(m)
     normalization = _normalization(config)
     net = dict(
         backbone=_SEGMENTER_BACKBONES.get(m.variant, "vit_custom"),
@@ -259,7 +247,7 @@ def segmenter_checkpoint(
 ) -> dict[str, Any]:
     """`{'model': official-named state dict (with the zero `encoder.head`), 'n_cls': n}`."""
     check_segmenter_layout(config)
-    model = torch_pickle.mmseg_to_segmenter(state_dict, n_cls=config.model.n_cls)
+    model = segmenter_layout.mmseg_to_segmenter(state_dict, n_cls=config.model.n_cls)
     return {"model": model, "n_cls": int(config.model.n_cls)}
 
 
@@ -281,7 +269,7 @@ def check_export_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     formats = tuple(config.export.formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not (formats or config.export.segmenter_layout):
-        raise ExportError(
+        raise ConfigError(
             f"export.formats={formats}: choose from {', '.join(FORMATS)} "
             "(or set export.segmenter_layout)"
         )
@@ -295,7 +283,7 @@ def _save_pth(obj: Any, path: pathlib.Path, written: list[pathlib.Path]) -> None
         torch_pickle.save_pth(obj, path)
     except ImportError:
         done = ", ".join(p.name for p in written) or "nothing"
-        raise ExportError(
+        raise ConfigError(
             f"writing {path} needs PyTorch (pip install torch); written so far: {done}; "
             "without torch use --config.export.formats=safetensors"
         ) from None
@@ -311,7 +299,7 @@ def export_params(
 ) -> list[pathlib.Path]:
     """Write the exports of `params` that `config.export` asks for into the folder `output`.
 
-    Order: safetensors + JSON (no torch), mmseg `.pth`, Segmenter layout. Raises ExportError
+    Order: safetensors + JSON (no torch), mmseg `.pth`, Segmenter layout. Raises ConfigError
     naming the files already written when torch is missing. Returns the written paths.
     """
     formats = check_export_config(config)
@@ -325,8 +313,6 @@ def export_params(
     if "pth" in formats:
         _save_pth(mmseg_checkpoint(state, config, source, step), output / MMSEG_PTH, written)
     if config.export.segmenter_layout:
-        import yaml  # PyYAML comes with flax
-
         folder = output / SEGMENTER_DIR
         _save_pth(segmenter_checkpoint(state, config), folder / "checkpoint.pth", written)
         text = yaml.safe_dump(segmenter_variant(config), sort_keys=False)
@@ -338,45 +324,3 @@ def export_params(
 def output_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
     """`export.output`, or `<workdir>/export` when it is empty."""
     return pathlib.Path(config.export.output or pathlib.Path(workdir) / "export")
-
-
-def _export_errors() -> tuple[type[BaseException], ...]:
-    from rankseg_jax import checkpoint
-    from rankseg_jax.convert import augreg_npz, loading
-
-    return (
-        ExportError,
-        common.ConfigError,
-        mmseg.CheckpointMismatchError,
-        torch_pickle.CheckpointError,
-        loading.CheckpointFormatError,
-        augreg_npz.AugRegError,
-        checkpoint.CheckpointNotFoundError,
-        FileNotFoundError,
-    )
-
-
-def export(config: ml_collections.ConfigDict, workdir: str) -> int:
-    """`--mode=export`: latest checkpoint of `workdir` (else `init_from`) → PyTorch files.
-
-    Returns the exit status: 0, or 2 after one `error: ...` line on stderr.
-    """
-    from rankseg_jax import checkpoint
-    from rankseg_jax.segmentor import Segmentor
-
-    try:
-        check_export_config(config)
-        segmentor = Segmentor.from_workdir(config, workdir)
-        step = checkpoint.latest_step(workdir)
-        output = output_dir(config, workdir)
-        params = host_params(segmentor.params)
-        if jax.process_index() != 0:
-            return 0
-        written = export_params(params, config, output, segmentor.weights, step)
-    except _export_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported {segmentor.weights} ({segmentor.num_params:,} parameters):")
-    for path in written:
-        print(f"  {path}")
-    return 0

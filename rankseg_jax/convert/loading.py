@@ -15,16 +15,15 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from rankseg_jax import checkpoint
 from rankseg_jax.convert import mmseg
 from rankseg_jax.convert.augreg_npz import augreg_npz_to_mmseg
 from rankseg_jax.convert.safetensors_io import load_safetensors
-from rankseg_jax.convert.torch_pickle import load_pth, state_dict_from_checkpoint
+from rankseg_jax.convert.segmenter_layout import state_dict_from_checkpoint
+from rankseg_jax.convert.torch_pickle import load_pth
+from rankseg_jax.errors import CheckpointError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-
-
-class CheckpointFormatError(ValueError):
-    """A weights file that cannot be read (missing, unknown format)."""
 
 
 def expected_params(model, config: ml_collections.ConfigDict):
@@ -44,20 +43,20 @@ def read_state_dict(path: str | pathlib.Path, grid: tuple[int, int] | None = Non
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.is_dir():
-        raise CheckpointFormatError(f"{path}: a directory; orbax workdirs load via load_params")
+        raise CheckpointError(f"{path}: a directory; orbax workdirs load via load_params")
     if path.suffix in TORCH_SUFFIXES:
         return state_dict_from_checkpoint(load_pth(path))
     if path.suffix == ".safetensors":
         return load_safetensors(path)[0]
     if path.suffix == ".npz":
         return augreg_npz_to_mmseg(path, grid=grid)
-    raise CheckpointFormatError(
+    raise CheckpointError(
         f"{path}: unsupported weights format {path.suffix!r} (.pth, .safetensors or .npz)"
     )
 
 
 _HEAD_HINTS = {
-    "mask": "a baseline Segmenter, as every official-Segmenter-layout file: use head=mask",
+    "full": "a baseline Segmenter, as every official-Segmenter-layout file: use head=mask",
     "rankseg": "use a head=rankseg config",
     "gt": "a GT-oracle checkpoint: use a head=gt config",
 }
@@ -69,27 +68,27 @@ def check_model_sizes(state: dict, config: ml_collections.ConfigDict, path) -> N
     kind = "rankseg" if "decode_head.ml_fc.W" in state else None
     kind = "gt" if "decode_head.mask_norm.gamma" in state else kind
     if kind is None and "decode_head.mask_norm.weight" in state:
-        kind = "mask"
-    if kind and kind != m.head:
-        raise mmseg.CheckpointMismatchError(
-            f"{path}: checkpoint has a {kind!r} head, config model.head={m.head!r} "
+        kind = "full"
+    if kind and kind != m.classifier:
+        raise CheckpointError(
+            f"{path}: checkpoint has a {kind!r} head, config model.classifier={m.classifier!r} "
             f"({_HEAD_HINTS[kind]})"
         )
     oce = "backbone.cls_emb" in state
     if oce != bool(m.oce) and ("decode_head.cls_emb" in state or oce):
         has = "has" if oce else "has no"
-        raise mmseg.CheckpointMismatchError(
+        raise CheckpointError(
             f"{path}: checkpoint {has} OCE backbone class embeddings (backbone.cls_emb), "
             f"config model.oce={m.oce}"
         )
     cls_emb = state.get("decode_head.cls_emb", state.get("backbone.cls_emb"))
     if cls_emb is not None and cls_emb.shape[1] != m.n_cls:
-        raise mmseg.CheckpointMismatchError(
+        raise CheckpointError(
             f"{path}: checkpoint has n_cls={cls_emb.shape[1]}, config model.n_cls={m.n_cls}"
         )
     mask_norm = state.get("decode_head.mask_norm.weight")
-    if m.head == "rankseg" and mask_norm is not None and mask_norm.shape[0] != m.k:
-        raise mmseg.CheckpointMismatchError(
+    if m.classifier == "rankseg" and mask_norm is not None and mask_norm.shape[0] != m.k:
+        raise CheckpointError(
             f"{path}: checkpoint has k={mask_norm.shape[0]}, config model.k={m.k}"
         )
 
@@ -97,7 +96,7 @@ def check_model_sizes(state: dict, config: ml_collections.ConfigDict, path) -> N
 def _backbone_only(expected, base_params):
     """Split the expected tree: the backbone is loaded, the rest comes from `base_params`."""
     if base_params is None:
-        raise CheckpointFormatError("an AugReg .npz holds only the backbone: pass base_params")
+        raise CheckpointError("an AugReg .npz holds only the backbone: pass base_params")
     backbone = {k: v for k, v in expected["backbone"].items() if k != "cls_emb"}  # OCE: not in npz
     return {"backbone": backbone}
 
@@ -118,7 +117,7 @@ def load_params(path, model, config: ml_collections.ConfigDict, base_params=None
     if path.suffix == ".npz":
         expected = _backbone_only(expected, base_params)
     params = mmseg.state_dict_to_params(
-        state, expected, gt_head=config.model.head == "gt", source=str(path)
+        state, expected, gt_head=config.model.classifier == "gt", source=str(path)
     )
     if path.suffix == ".npz":
         flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, base_params), sep="/")
@@ -129,13 +128,12 @@ def load_params(path, model, config: ml_collections.ConfigDict, base_params=None
 
 def _orbax_params(path: pathlib.Path, model, config: ml_collections.ConfigDict):
     """Params of an orbax training workdir (its latest step) or of one step folder."""
-    from rankseg_jax import checkpoint
 
     abstract = expected_params(model, config)
     if (path / "checkpoints").is_dir():
         return checkpoint.restore_params(path, abstract)
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return checkpoint.restore_params(path.parent.parent, abstract, int(path.name))
-    raise CheckpointFormatError(
+    raise CheckpointError(
         f"{path}: not an orbax workdir (no checkpoints/ inside) nor a checkpoints/<step> folder"
     )

@@ -16,11 +16,9 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from rankseg_jax.errors import CheckpointError
+
 StateDict = collections.OrderedDict
-
-
-class CheckpointMismatchError(ValueError):
-    """A state dict that does not fit the model: lists every missing, unexpected, misshaped key."""
 
 
 # (flax path regex, torch key template, kind). Kinds: "dense" transposes 2-D kernels,
@@ -150,14 +148,14 @@ def state_dict_to_params(
 ) -> dict:
     """mmseg state dict → Flax params shaped like `expected` (e.g. from jax.eval_shape).
 
-    Raises CheckpointMismatchError listing every missing key, unexpected key and wrong shape
+    Raises CheckpointError listing every missing key, unexpected key and wrong shape
     (both shapes) in one message that names `source`.
     """  # fmt: skip
     flat = traverse_util.flatten_dict(dict(expected), sep="/")
     wanted = {torch_name(p, gt_head)[0]: p for p in flat}
     problems = _mismatches(state_dict, wanted, flat, gt_head)
     if problems:
-        raise CheckpointMismatchError(f"{source} does not fit the model: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
     params = {}
     for key, path in wanted.items():
         kind = torch_name(path, gt_head)[1]

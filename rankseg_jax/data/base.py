@@ -23,38 +23,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from rankseg_jax.data import imageio
+from rankseg_jax.errors import DatasetError, DatasetNotFoundError
+
 README_HINT = (
     "see data/README.md for how to obtain and place each dataset, "
     "or run configs/demo.py, which generates its data and needs no download"
 )
-
-
-class DatasetError(ValueError):
-    """A dataset problem; the message is one line that names the path and the problem."""
-
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
-    """A root, split folder, split list or file that is not where the layout says."""
-
-
-class MissingLabelError(DatasetNotFoundError):
-    """An image whose label file does not exist."""
-
-
-class CorruptImageError(DatasetError):
-    """An image or label file that cannot be read or decoded (unreadable, truncated, empty)."""
-
-
-class LabelModeError(DatasetError):
-    """A label file of the wrong kind (e.g. RGB instead of single-channel 8-bit)."""
-
-
-class SizeMismatchError(DatasetError):
-    """An image and its label with different sizes."""
-
-
-class LabelValueError(DatasetError):
-    """A label file with values that are neither a class nor the ignore value."""
 
 
 def _fmt_values(values: Sequence[int], limit: int = 8) -> str:
@@ -74,7 +49,10 @@ class SegmentationSource:
 
     Class attributes a subclass sets:
       dataset: the name used by `make_source` and in messages.
-      n_cls, ignore_index, reduce_zero_label, class_names, palette: the label definition.
+      n_cls, ignore_index, reduce_zero_label, class_names, palette: the label definition
+        (ignore_index and reduce_zero_label are defaults that `data.*` may override).
+      mean, std: the normalisation the reference trains with (RGB, on 8-bit pixel values).
+      default_root, train_split, val_split: what the recipes put in `data.*`.
       label_bits: 8 (labels are "L"/"P" PNGs) or 16 (labels are "I;16" files).
       image_suffix, label_suffix: file name endings after the stem.
       root_marker: a path inside a valid root; used to recognise the root.
@@ -90,6 +68,11 @@ class SegmentationSource:
     reduce_zero_label: ClassVar[bool] = False
     class_names: ClassVar[tuple[str, ...]] = ()
     palette: ClassVar[np.ndarray] = np.zeros((0, 3), np.uint8)
+    mean: ClassVar[tuple[float, ...]] = (0.0, 0.0, 0.0)
+    std: ClassVar[tuple[float, ...]] = (1.0, 1.0, 1.0)
+    default_root: ClassVar[str] = ""
+    train_split: ClassVar[str] = ""
+    val_split: ClassVar[str] = ""
     label_bits: ClassVar[int] = 8
     image_suffix: ClassVar[str] = ".jpg"
     label_suffix: ClassVar[str] = ".png"
@@ -98,15 +81,29 @@ class SegmentationSource:
     split_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
     expected_tree: ClassVar[str] = ""
 
-    def __init__(self, root: str | os.PathLike, split: str, *, validate_labels: bool = True):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        *,
+        validate_labels: bool = True,
+        reduce_zero_label: bool | None = None,
+        ignore_index: int | None = None,
+    ):
         """Find the root and the split, and list the split's examples (sorted by stem).
 
         Raises DatasetNotFoundError for a missing root, split folder or split list.
         `validate_labels=False` skips the per-example label value check (not recommended).
+        `reduce_zero_label` / `ignore_index` (the config's `data.*`) override the dataset's
+        label conversion; None keeps the dataset's own.
         """
+        if reduce_zero_label is not None:
+            self.reduce_zero_label = bool(reduce_zero_label)
+        if ignore_index is not None:
+            self.ignore_index = int(ignore_index)
         self.config_root = str(root)
         self.root = self._resolve_root(str(root))
-        self.split = self._canonical_split(split)
+        self.split = self.canonical_split(split, self.root)
         self.image_dir, self.label_dir, self.list_path = self._split_paths(self.split)
         self.validate_labels = validate_labels
         self._require_dir(self.image_dir, "image folder")
@@ -136,13 +133,16 @@ class SegmentationSource:
             f"(config key data.root={root!r}; expected {self.expected_tree}); {README_HINT}"
         )
 
-    def _canonical_split(self, split: str) -> str:
-        for name, aliases in self.split_aliases.items():
+    @classmethod
+    def canonical_split(cls, split: str, where: str = "") -> str:
+        """The split's canonical name for `split` or one of its aliases ("val" → ...)."""
+        for name, aliases in cls.split_aliases.items():
             if split == name or split in aliases:
                 return name
-        known = ", ".join(self.split_aliases)
+        known = ", ".join(cls.split_aliases)
+        prefix = f"{where}: " if where else ""
         raise DatasetNotFoundError(
-            f"{self.root}: unknown {self.dataset} split {split!r} (known splits: {known})"
+            f"{prefix}unknown {cls.dataset} split {split!r} (known splits: {known})"
         )
 
     def _require_dir(self, path: str, what: str) -> None:
@@ -169,7 +169,7 @@ class SegmentationSource:
         """Check folders and pairing cheaply (directory listings only; no file is decoded).
 
         Raises DatasetNotFoundError when the split has no images or its list names images that
-        do not exist, and MissingLabelError for images without a label file.
+        do not exist, and DatasetNotFoundError for images without a label file.
         """
         if not self.stems:
             where = self.list_path or self.image_dir
@@ -189,7 +189,7 @@ class SegmentationSource:
         missing = [s for s in self.stems if s + self.label_suffix not in labels]
         if missing:
             image, label = self.paths(self.stems.index(missing[0]))
-            raise MissingLabelError(
+            raise DatasetNotFoundError(
                 f"{image}: image without label, {label} not found ({len(missing)} of "
                 f"{len(self.stems)} images in split {self.split!r} have no label)"
             )
@@ -208,14 +208,12 @@ class SegmentationSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """{"image": (H, W, 3) uint8 RGB, "label": (H, W) int32, "name": stem}."""
-        from rankseg_jax.data import imageio  # imageio imports this module's errors.
-
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"{self.dataset} {self.split}: index {index} out of {len(self)}")
         image_path, label_path = self.paths(index)
         if not os.path.exists(label_path) and os.path.exists(image_path):
-            raise MissingLabelError(f"{image_path}: image without label, {label_path} not found")
+            raise DatasetNotFoundError(f"{image_path}: image without label, {label_path} not found")
         image = imageio.read_image(image_path)
         raw, mode = imageio.read_label(label_path)
         self._check_mode(raw, mode, label_path)
@@ -227,7 +225,7 @@ class SegmentationSource:
                 if transposed
                 else ""
             )
-            raise SizeMismatchError(
+            raise DatasetError(
                 f"{label_path}: label size {_hw(raw.shape)} differs from image size "
                 f"{_hw(image.shape)} of {image_path}{hint}"
             )
@@ -249,7 +247,7 @@ class SegmentationSource:
                 " (a colour label is a visualisation or an instance map, e.g. TFDS "
                 "scene_parse150 / ADE annotations_instance; use the class-index label files)"
             )
-        raise LabelModeError(
+        raise DatasetError(
             f"{path}: label has mode {mode} with shape {raw.shape}; {self.dataset} labels are "
             f"single-channel {expected} files{hint}"
         )
@@ -277,17 +275,17 @@ class SegmentationSource:
         """Raw label values (H, W) → int32 class ids with `ignore_index`; bad values raise."""
         raw = np.asarray(raw)
         if raw.dtype.kind not in "ui":
-            raise LabelValueError(f"{path}: label values of dtype {raw.dtype}, not integers")
+            raise DatasetError(f"{path}: label values of dtype {raw.dtype}, not integers")
         if raw.size and (raw.min() < 0 or raw.max() >= len(self._lut)):
             bad = np.unique(raw[(raw < 0) | (raw >= len(self._lut))])
-            raise LabelValueError(
+            raise DatasetError(
                 f"{path}: label values outside the {self.n_cls} {self.dataset} classes: "
                 f"{_fmt_values(list(bad))} (allowed raw values: {self.allowed_raw_values()})"
             )
         label = self._lut[raw]
         if self.validate_labels and label.size and label.min() < 0:
             bad = np.unique(raw[label < 0])
-            raise LabelValueError(
+            raise DatasetError(
                 f"{path}: label values outside the {self.n_cls} {self.dataset} classes: "
                 f"{_fmt_values(list(bad))} (allowed raw values: {self.allowed_raw_values()})"
             )

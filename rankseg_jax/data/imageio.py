@@ -21,7 +21,7 @@ label was drawn on the stored pixels instead, the reader reports an image/label 
 and says that the sizes are transposed.
 
 Truncated files are detected: OpenCV returns nothing for them, and a JPEG/PNG whose end marker
-is missing is re-decoded strictly by Pillow, which raises. Errors are `CorruptImageError` with
+is missing is re-decoded strictly by Pillow, which raises. Errors are `CorruptDataError` with
 the path.
 """
 
@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from rankseg_jax.data.base import CorruptImageError, DatasetNotFoundError
+from rankseg_jax.errors import CorruptDataError, DatasetNotFoundError
 
 _EXIF_ORIENTATION = 0x0112
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
@@ -49,7 +49,7 @@ def read_bytes(path: str | os.PathLike, what: str) -> bytes:
     except FileNotFoundError:
         raise DatasetNotFoundError(f"{path}: {what} file not found") from None
     except OSError as e:
-        raise CorruptImageError(f"{path}: cannot read {what} file ({e.strerror or e})") from None
+        raise CorruptDataError(f"{path}: cannot read {what} file ({e.strerror or e})") from None
 
 
 def _looks_truncated(data: bytes) -> bool:
@@ -62,7 +62,7 @@ def _looks_truncated(data: bytes) -> bool:
 
 
 def _pil_open_strict(data: bytes, path: str | os.PathLike, what: str) -> Image.Image:
-    """A fully loaded Pillow image; truncated or unknown data raises CorruptImageError."""
+    """A fully loaded Pillow image; truncated or unknown data raises CorruptDataError."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -70,7 +70,7 @@ def _pil_open_strict(data: bytes, path: str | os.PathLike, what: str) -> Image.I
         reason = str(e).split("\n")[0] or type(e).__name__
         if "BytesIO" in reason:
             reason = "not a recognised image format"
-        raise CorruptImageError(f"{path}: unreadable or truncated {what} ({reason})") from None
+        raise CorruptDataError(f"{path}: unreadable or truncated {what} ({reason})") from None
     return img
 
 
@@ -92,7 +92,7 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
 def decode_image(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to (H, W, 3) uint8 RGB (rules in the module docstring)."""
     if not data:
-        raise CorruptImageError(f"{path}: unreadable or truncated image (empty file)")
+        raise CorruptDataError(f"{path}: unreadable or truncated image (empty file)")
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None or _looks_truncated(data):
         # OpenCV could not read it, or it may have silently filled a truncated tail with grey:
@@ -101,7 +101,7 @@ def decode_image(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray
         if bgr is None:
             return np.ascontiguousarray(_pil_to_rgb(img))
     if bgr.ndim != 3 or bgr.shape[-1] != 3 or bgr.dtype != np.uint8:
-        raise CorruptImageError(f"{path}: unexpected decoded image {bgr.shape} {bgr.dtype}")
+        raise CorruptDataError(f"{path}: unexpected decoded image {bgr.shape} {bgr.dtype}")
     return np.ascontiguousarray(bgr[..., ::-1])
 
 
@@ -118,7 +118,7 @@ def decode_label(data: bytes, path: str | os.PathLike = "<bytes>") -> tuple[np.n
     The caller checks the mode against its dataset.
     """
     if not data:
-        raise CorruptImageError(f"{path}: unreadable or truncated label (empty file)")
+        raise CorruptDataError(f"{path}: unreadable or truncated label (empty file)")
     img = _pil_open_strict(data, path, "label")
     mode = img.mode
     if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:

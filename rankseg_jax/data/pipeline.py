@@ -31,7 +31,7 @@ pipeline at that step, so a resume yields exactly the batches the old run would 
 worker count.
 
 Corrupt records: any exception from `source[i]` (or a malformed record) raises
-`CorruptRecordError` naming the index. With `skip_corrupt`, a training slot whose example is
+`CorruptDataError` naming the index. With `skip_corrupt`, a training slot whose example is
 corrupt takes the next example of the epoch permutation (positions pos+1, pos+2, ... mod N, up to
 `MAX_REPLACEMENTS`), augmented with the slot's own seed, so batches stay full and deterministic;
 the skips are counted in `TrainIterator.num_skipped` and logged. In evaluation a corrupt example
@@ -63,9 +63,14 @@ from typing import Any, Protocol
 
 import cv2
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from rankseg_jax import sharding as shd
 from rankseg_jax.data import transforms
+from rankseg_jax.errors import CheckpointError, CorruptDataError
 
 MAX_REPLACEMENTS = 16
 STATE_VERSION = 1
@@ -83,14 +88,6 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-
-class CorruptRecordError(ValueError):
-    """A record that cannot be read or is malformed; the message names its index."""
-
-
-class DataStateError(ValueError):
-    """A data-iterator state that does not belong to this pipeline."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +108,7 @@ class PipelineConfig:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> PipelineConfig:
-        """From a full config (configs/common.py schema: `seed`, `batch_size`, `data.*`)."""
+        """From a full config (rankseg_jax.config schema: `seed`, `batch_size`, `data.*`)."""
         d = config["data"]
         augment = transforms.TrainAugment(
             crop_size=tuple(d["crop_size"]),
@@ -141,12 +138,12 @@ class PipelineConfig:
 
 
 def read_record(source: Source, index: int) -> dict[str, Any]:
-    """`source[index]` checked for shape and dtype; any failure is a CorruptRecordError."""
+    """`source[index]` checked for shape and dtype; any failure is a CorruptDataError."""
     try:
         record = source[index]
         image, label = record["image"], np.asarray(record["label"])
     except Exception as err:  # noqa: BLE001 - any reader failure is a corrupt record
-        raise CorruptRecordError(f"record {index} of {type(source).__name__}: {err}") from err
+        raise CorruptDataError(f"record {index} of {type(source).__name__}: {err}") from err
     name = record.get("name", str(index))
     if not (
         isinstance(image, np.ndarray)
@@ -155,14 +152,23 @@ def read_record(source: Source, index: int) -> dict[str, Any]:
         and image.shape[2] == 3
     ):
         got = getattr(image, "shape", type(image).__name__), getattr(image, "dtype", "")
-        raise CorruptRecordError(
-            f"record {index} ({name}): image must be uint8 (H, W, 3), got {got}"
-        )
+        raise CorruptDataError(f"record {index} ({name}): image must be uint8 (H, W, 3), got {got}")
     if label.shape != image.shape[:2]:
-        raise CorruptRecordError(
+        raise CorruptDataError(
             f"record {index} ({name}): label shape {label.shape} != image shape {image.shape[:2]}"
         )
     return dict(image=image, label=label.astype(np.int32, copy=False), name=name)
+
+
+def _grain_flags_readable() -> None:
+    """grain reads its own absl flags (`grain_*`) when it starts and runs worker processes;
+    outside an absl app they are unparsed. Only those are marked present, at their defaults (as
+    grain itself does in its workers); the application's flags are never touched."""
+    if flags.FLAGS.is_parsed():
+        return
+    for name in list(flags.FLAGS):
+        if name.startswith("grain_"):
+            flags.FLAGS[name].present = True
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:
@@ -172,18 +178,11 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
     open the accelerator (the workers do no JAX work).
     """
     del worker_index, worker_count
+    _grain_flags_readable()
     cv2.setNumThreads(1)
     jax = sys.modules.get("jax")
     if jax is not None:
         jax.config.update("jax_platforms", "cpu")
-
-
-def _ensure_absl_flags_parsed() -> None:
-    """grain's mp_prefetch reads absl flags; outside an absl app they are not parsed yet."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
 
 
 def _prefetched(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
@@ -195,7 +194,7 @@ def _prefetched(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.
     if num_workers <= 0:
         return ds.to_iter_dataset()
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-    _ensure_absl_flags_parsed()
+    _grain_flags_readable()
     options = grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)
     )
@@ -273,12 +272,12 @@ class TrainBatchFn:
             index = int(perm[(pos_in_epoch + attempt) % self.num_examples])
             try:
                 return index, read_record(self.source, index)
-            except CorruptRecordError as err:
+            except CorruptDataError as err:
                 if not self.cfg.skip_corrupt:
                     raise
                 skipped.append(str(err))
                 log.warning("skipping corrupt record: %s", err)
-        raise CorruptRecordError(
+        raise CorruptDataError(
             f"{MAX_REPLACEMENTS + 1} consecutive corrupt records from permutation position "
             f"{pos_in_epoch}: {skipped[-1]}"
         )
@@ -355,8 +354,6 @@ class TrainIterator:
         process_count: int | None = None,
     ):
         if process_index is None or process_count is None:
-            import jax
-
             process_index, process_count = jax.process_index(), jax.process_count()
         self.source, self.cfg, self.sharding = source, cfg, sharding
         self.process_index, self.process_count = process_index, process_count
@@ -371,9 +368,7 @@ class TrainIterator:
         steps_per_epoch(len(source), cfg.global_batch)  # fail early on a too-small dataset
         process_slots(cfg.global_batch, process_index, process_count)
         if sharding is not None:
-            from rankseg_jax import sharding as shd
-
-            shd.local_batch_size(cfg.global_batch, sharding.mesh)  # MeshError if it won't split
+            shd.local_batch_size(cfg.global_batch, sharding.mesh)  # ConfigError if it won't split
 
     def _ensure_iter(self) -> Any:
         if self._iter is None:
@@ -429,7 +424,6 @@ class TrainIterator:
         return np.where(valid[..., None], image, np.float32(0))
 
     def _to_device(self, local: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        from rankseg_jax import sharding as shd
 
         arrays = shd.make_global_batch(
             {k: local[k] for k in ("image", "label", "size")}, self.sharding
@@ -460,9 +454,9 @@ class TrainIterator:
         expected = self.get_state()
         for key in ("version", "seed", "global_batch", "num_examples"):
             if key not in state:
-                raise DataStateError(f"data iterator state lacks {key!r}: {dict(state)}")
+                raise CheckpointError(f"data iterator state lacks {key!r}: {dict(state)}")
             if int(state[key]) != expected[key]:
-                raise DataStateError(
+                raise CheckpointError(
                     f"data iterator state has {key}={state[key]} but this pipeline has "
                     f"{key}={expected[key]}; the saved data position does not apply"
                 )
@@ -491,8 +485,6 @@ def make_device_normalizer(lut: np.ndarray, sharding: Any) -> Any:
     A gather from the (256, 3) `transforms.normalize_lut` table (bit-identical to mmcv), zeroed
     outside each crop's (h, w) like mmseg's Pad after Normalize.
     """
-    import jax
-    import jax.numpy as jnp
 
     table = np.asarray(lut, np.float32)
 
@@ -551,7 +543,7 @@ class EvalBatchFn:
             if index < self.num_examples:
                 try:
                     record = read_record(self.source, index)
-                except CorruptRecordError as err:
+                except CorruptDataError as err:
                     if not self.cfg.skip_corrupt:
                         raise
                     out["skipped"].append(str(err))
@@ -609,8 +601,6 @@ def eval_batches(
 ) -> Iterator[dict[str, Any]]:
     """Iterate this process's eval batches, closing the workers at the end (or on break)."""
     if process_index is None or process_count is None:
-        import jax
-
         process_index, process_count = jax.process_index(), jax.process_count()
     ds = eval_dataset(
         source,

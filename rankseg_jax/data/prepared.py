@@ -19,19 +19,15 @@ grain worker process.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import numpy as np
 
 from rankseg_jax.data import imageio
-from rankseg_jax.data.base import (
-    DatasetError,
-    DatasetNotFoundError,
-    LabelModeError,
-    SegmentationSource,
-    SizeMismatchError,
-)
+from rankseg_jax.data.readers import reader_class
+from rankseg_jax.errors import DatasetError, DatasetNotFoundError
 
 BUILDER_PREFIX = "rankseg_"
 BUILDER_VERSION = "1.0.0"  # the version the builders write and this reader reads
@@ -43,26 +39,6 @@ PREPARE_COMMAND = (
 def builder_name(dataset: str) -> str:
     """The registered TFDS builder name of a `data.dataset` name, e.g. "rankseg_ade20k"."""
     return BUILDER_PREFIX + dataset
-
-
-def reader_class(dataset: str) -> type[SegmentationSource]:
-    """The directory reader class of `dataset` (its labels, classes, splits)."""
-    from rankseg_jax.data.sources import READERS
-
-    if dataset not in READERS:
-        raise DatasetError(f"unknown data.dataset {dataset!r}; known: {', '.join(READERS)}")
-    return READERS[dataset]
-
-
-def canonical_split(dataset: str, split: str) -> str:
-    """The reader's canonical split name for `split` or one of its aliases ("val" → ...)."""
-    cls = reader_class(dataset)
-    for name, aliases in cls.split_aliases.items():
-        if split == name or split in aliases:
-            return name
-    raise DatasetNotFoundError(
-        f"unknown {dataset} split {split!r} (known splits: {', '.join(cls.split_aliases)})"
-    )
 
 
 def label_dtype(dataset: str) -> type[np.unsignedinteger]:
@@ -96,6 +72,13 @@ def prepared_dir(dataset: str, data_dir: str | os.PathLike | None) -> str:
     return version_dir
 
 
+def prepared_splits(version_dir: str) -> list[str]:
+    """The split names recorded in a prepared dataset's dataset_info.json."""
+    with open(os.path.join(version_dir, "dataset_info.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    return [s["name"] for s in info.get("splits", [])]
+
+
 class PreparedSource:
     """A dataset prepared by `rankseg_jax.data.tfds_builders`, with the directory reader's API.
 
@@ -104,20 +87,29 @@ class PreparedSource:
     (already applied, as by the directory reader), `class_names`, `palette`, `split`, `root`.
     """
 
-    def __init__(self, dataset: str, split: str, data_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        data_dir: str | os.PathLike | None = None,
+        *,
+        ignore_index: int | None = None,
+    ):
         """Open split `split` (a canonical name or an alias) of the prepared `dataset`.
 
+        `ignore_index` (the config's `data.ignore_index`) relabels the stored ignore value.
         Raises DatasetNotFoundError when the prepared data or the split is missing.
         """
         cls = reader_class(dataset)
         self.dataset = dataset
         self.n_cls = cls.n_cls
-        self.ignore_index = cls.ignore_index
+        self._stored_ignore = cls.ignore_index
+        self.ignore_index = cls.ignore_index if ignore_index is None else int(ignore_index)
         self.reduce_zero_label = cls.reduce_zero_label
         self.class_names = cls.class_names
         self.palette = cls.palette
         self.label_bits = 8 if label_dtype(dataset) == np.uint8 else 16
-        self.split = canonical_split(dataset, split)
+        self.split = cls.canonical_split(split)
         self.data_dir = resolve_data_dir(data_dir)
         self.root = prepared_dir(dataset, self.data_dir)
         self._records: Any = None
@@ -127,24 +119,21 @@ class PreparedSource:
     def _open(self) -> Any:
         """The TFDS random-access data source of the split (opened once per process)."""
         if self._records is None:
-            try:
-                from rankseg_jax.data.tfds_builders import builders  # registers the names
+            try:  # tensorflow_datasets is optional and heavy: imported only for data.source=tfds
+                import tensorflow_datasets as tfds
             except ImportError as err:
-                raise ImportError(
+                raise DatasetError(
                     f"data.source='tfds' needs tensorflow-datasets and array-record "
                     f"(requirements.txt): {err}"
                 ) from err
-            tfds = builders.tfds
-            available = builders.prepared_splits(self.root)
+            available = prepared_splits(self.root)
             if self.split not in available:
                 raise DatasetNotFoundError(
                     f"{self.root}: prepared {self.dataset} has no split {self.split!r} "
                     f"(prepared splits: {', '.join(available) or 'none'}); prepare it with "
                     f"`{PREPARE_COMMAND.format(dataset=self.dataset, data_dir=self.data_dir)}`"
                 )
-            self._records = tfds.data_source(
-                builder_name(self.dataset), split=self.split, data_dir=self.data_dir
-            )
+            self._records = tfds.builder_from_directory(self.root).as_data_source(split=self.split)
         return self._records
 
     def __getstate__(self) -> dict[str, Any]:
@@ -179,18 +168,21 @@ class PreparedSource:
         raw, mode = imageio.decode_label(bytes(record["label"]), label_where)
         expected = ("L",) if self.label_bits == 8 else ("I;16", "I;16L", "I;16B", "I")
         if mode not in expected or raw.ndim != 2:
-            raise LabelModeError(
+            raise DatasetError(
                 f"{label_where}: prepared label has mode {mode} with shape {raw.shape}, "
                 f"expected {expected[0]}; prepare the dataset again"
             )
         if raw.shape != image.shape[:2]:
-            raise SizeMismatchError(
+            raise DatasetError(
                 f"{label_where}: label size {raw.shape} differs from image size "
                 f"{image.shape[:2]}; prepare the dataset again"
             )
         name = record["name"]
         name = name.decode("utf-8") if isinstance(name, bytes) else str(name)
-        return {"image": image, "label": raw.astype(np.int32), "name": name}
+        label = raw.astype(np.int32)
+        if self.ignore_index != self._stored_ignore:
+            label[label == self._stored_ignore] = self.ignore_index
+        return {"image": image, "label": label, "name": name}
 
     def __repr__(self) -> str:
         return (

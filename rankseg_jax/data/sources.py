@@ -1,41 +1,17 @@
-"""`make_source`: the dataset name of a config → its reader (a random-access source)."""
+"""`source_from_config`: a config's `data` → its random-access source (directory or TFDS).
+
+The readers and their registry are rankseg_jax.data.readers.
+"""
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rankseg_jax.data.ade20k import ADE20K, SyntheticADE20K
-from rankseg_jax.data.ade20k_full import ADE20KFull
-from rankseg_jax.data.base import DatasetError, SegmentationSource
-from rankseg_jax.data.coco_stuff import COCOStuff10k, COCOStuff164k
-from rankseg_jax.data.pascal_context import PascalContext
-
-if TYPE_CHECKING:
-    from rankseg_jax.data.prepared import PreparedSource
-
-READERS: dict[str, type[SegmentationSource]] = {
-    "ade20k": ADE20K,
-    "coco_stuff10k": COCOStuff10k,
-    "coco_stuff164k": COCOStuff164k,
-    "pascal_context": PascalContext,
-    "ade20k_full": ADE20KFull,
-    "synthetic_ade20k": SyntheticADE20K,
-}
-
-
-def make_source(
-    dataset: str, root: str | os.PathLike, split: str, **opts: Any
-) -> SegmentationSource:
-    """The reader of `dataset` for `split` under `root` (a config's data.dataset / data.root).
-
-    opts are passed to the reader (`validate_labels`). Raises DatasetError for an unknown
-    dataset name and DatasetNotFoundError for a missing root, split folder or split list.
-    Call `check_layout()` on the result before training to check pairing.
-    """
-    if dataset not in READERS:
-        raise DatasetError(f"unknown data.dataset {dataset!r}; known: {', '.join(READERS)}")
-    return READERS[dataset](root, split, **opts)
+from rankseg_jax.data import synthetic
+from rankseg_jax.data.base import SegmentationSource
+from rankseg_jax.data.prepared import PreparedSource
+from rankseg_jax.data.readers import make_source, reader_class
+from rankseg_jax.errors import ConfigError, DatasetError
 
 
 def source_from_config(
@@ -51,15 +27,28 @@ def source_from_config(
     With `data.generate_if_missing` (the demo configs) the generated ADE20K-format dataset is
     written first when it is missing or was generated with other `data.synthetic_*` settings,
     so evaluation and training on the demo need no download. The layout (pairing) is checked.
+    `data.reduce_zero_label` and `data.ignore_index` set the label conversion.
     Raises DatasetNotFoundError with the path and the config key for a missing dataset.
     """
     data = config.data
     name = {"train": data.train_split, "val": data.val_split}.get(split, split)
     storage = data.get("source", "directory")
+    labels = dict(
+        reduce_zero_label=data.get("reduce_zero_label"), ignore_index=data.get("ignore_index")
+    )
     if storage == "tfds":
-        from rankseg_jax.data.prepared import PreparedSource
-
-        prepared = PreparedSource(data.dataset, name, data.get("tfds_data_dir") or None)
+        reduce = labels["reduce_zero_label"]
+        if reduce is not None and bool(reduce) != reader_class(data.dataset).reduce_zero_label:
+            raise ConfigError(
+                f"data.reduce_zero_label={reduce} with data.source='tfds': the prepared "
+                "labels are already converted with the dataset's own setting"
+            )
+        prepared = PreparedSource(
+            data.dataset,
+            name,
+            data.get("tfds_data_dir") or None,
+            ignore_index=labels["ignore_index"],
+        )
         prepared.check_layout()
         return prepared
     if storage != "directory":
@@ -70,8 +59,6 @@ def source_from_config(
                 f"data.generate_if_missing works only with data.dataset='synthetic_ade20k' "
                 f"(got {data.dataset!r}): real datasets must be downloaded (see data/README.md)"
             )
-        from rankseg_jax.data import synthetic
-
         synthetic.ensure_ade20k(
             data.root,
             int(data.synthetic_train),
@@ -79,6 +66,7 @@ def source_from_config(
             int(data.synthetic_seed),
             val_seed=int(data.synthetic_val_seed),
         )
+    opts = dict(labels, **opts)
     source = make_source(data.dataset, data.root, name, **opts)
     source.check_layout()
     return source

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from rankseg_jax.data.base import DatasetError
+from rankseg_jax.errors import DatasetError
 
 ADE_DIRNAME = "ADEChallengeData2016"
 MANIFEST = "synthetic.json"

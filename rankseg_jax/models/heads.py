@@ -9,12 +9,28 @@ Scattering into an n_cls canvas is `segmenter.scatter_to_classes` (inference onl
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.layers import DecoderBlock, DenseAt, Dtype, layer_norm
+
+# The `config.model` keys the mask-transformer head reads (registry contract); 0 means
+# "from the encoder": width = encoder width, heads = width / 64, mlp = 4 * width.
+CONFIG: dict[str, Any] = dict(
+    dec_width=0,
+    dec_layers=3,
+    dec_heads=0,
+    dec_mlp_dim=0,
+    dec_drop_path_rate=0.0,
+    dropout=0.1,
+    downsample=8,  # RankSeg: the image-level branch pools the patch tokens to 8 × 8
+)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -226,3 +242,38 @@ class GTHead(_MaskDecoderBase):
         masks = SelectedLayerNorm(self.n_cls, name="mask_norm")(scores, valid)
         masks = jnp.where(valid[:, None, :], masks, -100.0)
         return dict(masks=masks.reshape(b, h, w, self.k), topk=ids, img_logits=None)
+
+
+def decoder_dims(m: ml_collections.ConfigDict, in_width: int) -> dict[str, int]:
+    """Resolved decoder sizes of `config.model` for an encoder of `in_width` channels."""
+    width = m.dec_width or in_width
+    return dict(
+        width=width,
+        n_layers=m.dec_layers,
+        num_heads=m.dec_heads or max(width // 64, 1),
+        mlp_dim=m.dec_mlp_dim or 4 * width,
+    )
+
+
+def check_config(m: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError (naming the key) for head settings that cannot work."""
+    if m.dec_layers < 1:
+        raise ConfigError(f"model.dec_layers={m.dec_layers} must be at least 1")
+
+
+def build(m: ml_collections.ConfigDict, in_width: int, dtype: Dtype) -> nn.Module:
+    """The head of `config.model` for its classifier (full, rankseg or gt)."""
+    kw = dict(
+        n_cls=m.n_cls,
+        dropout=m.dropout,
+        drop_path_rate=m.dec_drop_path_rate,
+        cls_from_backbone=bool(m.oce),
+        dtype=dtype,
+        attention_impl=m.attention_impl,
+        **decoder_dims(m, in_width),
+    )
+    if m.classifier == "rankseg":
+        return RankSegHead(k=m.k, downsample=m.downsample, **kw)
+    if m.classifier == "gt":
+        return GTHead(k=m.k, **kw)
+    return MaskTransformerHead(**kw)

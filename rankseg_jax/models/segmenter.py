@@ -1,4 +1,4 @@
-"""Segmenter = ViT encoder + decode head, built from a `config.model`.
+"""Segmenter = encoder + decode head, composed from `config.model` by the model registry.
 
 `Segmenter.__call__` returns the head's dict (masks in k slots, topk, img_logits) that training
 consumes. `encode_decode` is the reference's inference path: scatter the k slots into an
@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from configs import common
-from rankseg_jax.models.heads import GTHead, MaskTransformerHead, RankSegHead
+from rankseg_jax.errors import ConfigError
+from rankseg_jax.models import heads, registry, vit
 from rankseg_jax.models.layers import ATTENTION_IMPLS
-from rankseg_jax.models.vit import REMAT_POLICIES, VisionTransformer
 
 CANVAS_FILL = -100.0
 
@@ -48,9 +47,9 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 class Segmenter(nn.Module):
-    """ViT encoder + Segmenter head. images (B, H, W, 3), normalised, any H, W ≥ 16."""
+    """Encoder + decode head. images (B, H, W, 3), normalised, any H, W ≥ 16."""
 
-    backbone: VisionTransformer
+    backbone: nn.Module
     decode_head: nn.Module
     n_cls: int
 
@@ -61,9 +60,20 @@ class Segmenter(nn.Module):
 
     def encode_decode(self, images: jax.Array, gt_labels=None) -> jax.Array:
         """Inference logits (B, H, W, n_cls) at the input size, float32 (−100 off the top-k)."""
+        return self.encode_decode_with_scores(images, gt_labels)[0]
+
+    def encode_decode_with_scores(
+        self, images: jax.Array, gt_labels=None
+    ) -> tuple[jax.Array, jax.Array]:
+        """`encode_decode` and image-level class scores (B, n_cls) float32 of the same forward
+        pass: RankSeg's sigmoid(img_logits), else the mean softmax probability of the pixels.
+        """
         out = self(images, False, gt_labels)
         logits = scatter_to_classes(out["masks"].astype(jnp.float32), out["topk"], self.n_cls)
-        return resize_bilinear(logits, images.shape[1:3])
+        logits = resize_bilinear(logits, images.shape[1:3])
+        if out.get("img_logits") is not None:
+            return logits, jax.nn.sigmoid(out["img_logits"].astype(jnp.float32))
+        return logits, jax.nn.softmax(logits, axis=-1).mean(axis=(1, 2))
 
     def class_scores(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Image-level class scores (B, n_cls) float32 and the top-k ids (B, k) int32."""
@@ -75,8 +85,41 @@ def _dtype(name: str) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def vit_dims(m: ml_collections.ConfigDict) -> dict[str, int]:
+    """Resolved ViT encoder and mask-transformer decoder sizes of a Segmenter `config.model`
+    (width, depth, num_heads, mlp_dim, dec_width, dec_layers, dec_heads, dec_mlp_dim)."""
+    enc = vit.encoder_dims(m)
+    dec = heads.decoder_dims(m, enc["width"])
+    return dict(
+        enc,
+        dec_width=dec["width"],
+        dec_layers=dec["n_layers"],
+        dec_heads=dec["num_heads"],
+        dec_mlp_dim=dec["mlp_dim"],
+    )
+
+
+def check_config(m: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError for a `config.model` that cannot be built (names the key)."""
+    for key, known in (
+        ("encoder", registry.ENCODERS),
+        ("decode_head", registry.DECODE_HEADS),
+        ("classifier", registry.CLASSIFIERS),
+    ):
+        if m[key] not in known:
+            raise ConfigError(f"model.{key}={m[key]!r} is not one of {', '.join(known)}")
+    if m.attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention_impl={m.attention_impl!r}: {ATTENTION_IMPLS}")
+    if m.compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.compute_dtype={m.compute_dtype!r}: float32 or bfloat16")
+    if not 1 <= m.k <= m.n_cls:
+        raise ConfigError(f"model.k={m.k} must be in 1..model.n_cls={m.n_cls}")
+    registry.ENCODERS[m.encoder].check_config(m)
+    registry.DECODE_HEADS[m.decode_head].check_config(m)
+
+
 def create_model(model_config: ml_collections.ConfigDict) -> Segmenter:
-    """Build the Segmenter described by `config.model` (sizes resolved by configs.common).
+    """Build the model described by `config.model` (components from the model registry).
 
     Precision policy of `compute_dtype='bfloat16'`: params (and so optimizer state) stay
     float32; matmuls, convolutions and the residual stream run in bfloat16; GELU (computed in
@@ -86,44 +129,8 @@ def create_model(model_config: ml_collections.ConfigDict) -> Segmenter:
     are float32 (checked by tests/test_precision.py; benchmarks/README.md).
     """
     m = model_config
-    dims = common.vit_dims(m)
-    if m.attention_impl not in ATTENTION_IMPLS:
-        raise common.ConfigError(f"model.attention_impl={m.attention_impl!r}: {ATTENTION_IMPLS}")
-    if m.remat not in REMAT_POLICIES:
-        raise common.ConfigError(f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}")
+    check_config(m)
     dtype = _dtype(m.compute_dtype)
-    encoder = VisionTransformer(
-        img_size=tuple(m.img_size),
-        patch_size=m.patch_size,
-        width=dims["width"],
-        depth=dims["depth"],
-        num_heads=dims["num_heads"],
-        mlp_dim=dims["mlp_dim"],
-        drop_path_rate=m.drop_path_rate,
-        n_cls_tokens=m.n_cls if m.oce else 0,
-        cls_start_layer=m.oce_start_layer if m.oce_start_layer >= 0 else dims["depth"] - 1,
-        dtype=dtype,
-        attention_impl=m.attention_impl,
-        remat=m.remat,
-    )
-    head_kw = dict(
-        n_cls=m.n_cls,
-        width=dims["dec_width"],
-        num_heads=dims["dec_heads"],
-        mlp_dim=dims["dec_mlp_dim"],
-        n_layers=dims["dec_layers"],
-        dropout=m.dropout,
-        drop_path_rate=m.dec_drop_path_rate,
-        cls_from_backbone=bool(m.oce),
-        dtype=dtype,
-        attention_impl=m.attention_impl,
-    )
-    if m.head == "rankseg":
-        head = RankSegHead(k=m.k, downsample=m.downsample, **head_kw)
-    elif m.head == "mask":
-        head = MaskTransformerHead(**head_kw)
-    elif m.head == "gt":
-        head = GTHead(k=m.k, **head_kw)
-    else:
-        raise common.ConfigError(f"model.head={m.head!r} is not one of {common.HEADS}")
-    return Segmenter(backbone=encoder, decode_head=head, n_cls=m.n_cls)
+    encoder = registry.ENCODERS[m.encoder]
+    head = registry.DECODE_HEADS[m.decode_head].build(m, encoder.out_width(m), dtype)
+    return Segmenter(backbone=encoder.build(m, dtype), decode_head=head, n_cls=m.n_cls)

@@ -6,13 +6,39 @@ that the checkpoint mapping is one rule per tensor; `ln_final` is mmseg's final 
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.layers import Attention, DropPath, Dtype, Mlp, layer_norm
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+# Encoder sizes per ViT variant: (width, depth, heads, mlp_dim).
+VIT_VARIANTS = {
+    "Ti/16": (192, 12, 3, 768),
+    "S/16": (384, 12, 6, 1536),
+    "B/16": (768, 12, 12, 3072),
+    "L/16": (1024, 24, 16, 4096),
+}
+
+# The `config.model` keys this encoder reads (registry contract); 0 means "from the variant".
+CONFIG: dict[str, Any] = dict(
+    variant="B/16",
+    patch_size=16,
+    width=0,
+    depth=0,
+    num_heads=0,
+    mlp_dim=0,
+    drop_path_rate=0.1,
+    oce=False,  # OCE: n_cls class tokens in the backbone, read by the decode head
+    oce_start_layer=-1,
+    remat="none",
+)
 
 
 def pad_to_patches(images: jax.Array, patch: int) -> jax.Array:
@@ -143,3 +169,55 @@ class VisionTransformer(nn.Module):
         emb = self.param("cls_emb", nn.initializers.zeros, (1, self.n_cls_tokens, self.width))
         emb = jnp.broadcast_to(emb, (x.shape[0],) + emb.shape[1:]).astype(x.dtype)
         return jnp.concatenate([x, emb], axis=1)
+
+
+def encoder_dims(m: ml_collections.ConfigDict) -> dict[str, int]:
+    """Resolved (width, depth, num_heads, mlp_dim) of `config.model`; explicit values win."""
+    if m.variant not in VIT_VARIANTS and not (m.width and m.depth):
+        raise ConfigError(
+            f"model.variant {m.variant!r} is not one of {', '.join(VIT_VARIANTS)}; "
+            "set model.width/depth/num_heads/mlp_dim for a custom size"
+        )
+    width, depth, heads, mlp = VIT_VARIANTS.get(m.variant, (0, 0, 0, 0))
+    width = m.width or width
+    return dict(
+        width=width,
+        depth=m.depth or depth,
+        num_heads=m.num_heads or heads or width // 64,
+        mlp_dim=m.mlp_dim or mlp or 4 * width,
+    )
+
+
+def check_config(m: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError (naming the key) for ViT settings that cannot work."""
+    encoder_dims(m)
+    if m.remat not in REMAT_POLICIES:
+        raise ConfigError(f"model.remat={m.remat!r} is not one of {REMAT_POLICIES}")
+    for v in tuple(m.img_size):
+        if v <= 0 or v % m.patch_size:
+            raise ConfigError(
+                f"model.img_size={tuple(m.img_size)} must be positive multiples of {m.patch_size}"
+            )
+    if m.classifier == "gt" and m.oce:
+        raise ConfigError("model.classifier='gt' cannot be combined with model.oce")
+
+
+def build(m: ml_collections.ConfigDict, dtype: Dtype) -> VisionTransformer:
+    """The encoder of `config.model` (OCE class tokens when `model.oce`)."""
+    dims = encoder_dims(m)
+    return VisionTransformer(
+        img_size=tuple(m.img_size),
+        patch_size=m.patch_size,
+        drop_path_rate=m.drop_path_rate,
+        n_cls_tokens=m.n_cls if m.oce else 0,
+        cls_start_layer=m.oce_start_layer if m.oce_start_layer >= 0 else dims["depth"] - 1,
+        dtype=dtype,
+        attention_impl=m.attention_impl,
+        remat=m.remat,
+        **dims,
+    )
+
+
+def out_width(m: ml_collections.ConfigDict) -> int:
+    """Channels of the feature map the decode head receives."""
+    return encoder_dims(m)["width"]

@@ -19,11 +19,12 @@ Use `prepare(dataset, root, data_dir)` or `python data/prepare_tfds.py`.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
-import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -34,7 +35,8 @@ from PIL import Image
 
 from rankseg_jax.data import prepared
 from rankseg_jax.data.base import SegmentationSource
-from rankseg_jax.data.sources import READERS, make_source
+from rankseg_jax.data.readers import READERS, make_source
+from rankseg_jax.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -124,66 +126,16 @@ class RankSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             )
 
 
-class RanksegAde20k(RankSegBuilder):
-    """ADE20K-150 (ADEChallengeData2016)."""
-
-    name = "rankseg_ade20k"
-    DATASET = "ade20k"
-
-
-class RanksegCocoStuff10k(RankSegBuilder):
-    """COCO-Stuff10k (mmseg layout)."""
-
-    name = "rankseg_coco_stuff10k"
-    DATASET = "coco_stuff10k"
+def _builder(dataset: str) -> type[RankSegBuilder]:
+    """The builder class of one reader (TFDS registers it under `prepared.builder_name`)."""
+    cls_name = "Rankseg" + "".join(part.title() for part in dataset.split("_"))
+    doc = f"{dataset}: {READERS[dataset].__doc__}"
+    attrs = dict(name=prepared.builder_name(dataset), DATASET=dataset, __doc__=doc)
+    return type(cls_name, (RankSegBuilder,), dict(attrs, __module__=__name__))
 
 
-class RanksegCocoStuff164k(RankSegBuilder):
-    """COCO-Stuff164k (mmseg layout)."""
-
-    name = "rankseg_coco_stuff164k"
-    DATASET = "coco_stuff164k"
-
-
-class RanksegPascalContext(RankSegBuilder):
-    """Pascal-Context-60 (VOC2010 + SegmentationClassContext)."""
-
-    name = "rankseg_pascal_context"
-    DATASET = "pascal_context"
-
-
-class RanksegAde20kFull(RankSegBuilder):
-    """ADE20K-Full, 847 classes (MaskFormer detectron2 layout)."""
-
-    name = "rankseg_ade20k_full"
-    DATASET = "ade20k_full"
-
-
-class RanksegSyntheticAde20k(RankSegBuilder):
-    """The generated ADE20K-format dataset (rankseg_jax.data.synthetic)."""
-
-    name = "rankseg_synthetic_ade20k"
-    DATASET = "synthetic_ade20k"
-
-
-BUILDERS: dict[str, type[RankSegBuilder]] = {
-    cls.DATASET: cls
-    for cls in (
-        RanksegAde20k,
-        RanksegCocoStuff10k,
-        RanksegCocoStuff164k,
-        RanksegPascalContext,
-        RanksegAde20kFull,
-        RanksegSyntheticAde20k,
-    )
-}
-
-
-def prepared_splits(version_dir: str) -> list[str]:
-    """The split names recorded in a prepared dataset's dataset_info.json."""
-    with open(os.path.join(version_dir, "dataset_info.json"), encoding="utf-8") as f:
-        info = json.load(f)
-    return [s["name"] for s in info.get("splits", [])]
+# One builder per reader: a new dataset needs only its reader (rankseg_jax.data.readers).
+BUILDERS: dict[str, type[RankSegBuilder]] = {name: _builder(name) for name in READERS}
 
 
 def prepare(dataset: str, root: str | os.PathLike, data_dir: str | os.PathLike | None) -> str:
@@ -194,7 +146,7 @@ def prepare(dataset: str, root: str | os.PathLike, data_dir: str | os.PathLike |
     delete data_dir/rankseg_<dataset>/ to prepare again.
     """
     if dataset not in BUILDERS:
-        raise prepared.DatasetError(f"unknown --dataset {dataset!r}; known: {', '.join(BUILDERS)}")
+        raise DatasetError(f"unknown --dataset {dataset!r}; known: {', '.join(BUILDERS)}")
     if importlib.util.find_spec("importlib_resources") is None:
         # TFDS imports it lazily while writing (reading does not need it).
         raise ImportError(
@@ -216,8 +168,6 @@ def prepare(dataset: str, root: str | os.PathLike, data_dir: str | os.PathLike |
 
 def main(argv: list[str] | None = None) -> int:
     """CLI of data/prepare_tfds.py: prepare one dataset, print where; 2 on a dataset error."""
-    import argparse
-    import sys
 
     parser = argparse.ArgumentParser(
         description="Write a local dataset as TFDS array_record (read with data.source='tfds')."
@@ -235,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = prepare(args.dataset, args.root, args.data_dir or None)
-    except (prepared.DatasetError, ImportError) as err:
+    except (DatasetError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     data_dir = prepared.resolve_data_dir(args.data_dir or None)
     counts = ", ".join(
         f"{s}: {len(prepared.PreparedSource(args.dataset, s, data_dir))}"
-        for s in prepared_splits(path)
+        for s in prepared.prepared_splits(path)
     )
     print(
         f"prepared {args.dataset} in {path} ({counts}); train or evaluate with "

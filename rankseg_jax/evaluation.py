@@ -28,21 +28,39 @@ from __future__ import annotations
 import math
 import pathlib
 import re
-import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from rankseg_jax import evaluate, metrics
+from rankseg_jax import inference, metrics
 from rankseg_jax.data import pipeline
-from rankseg_jax.data.base import DatasetError
-from rankseg_jax.data.sources import source_from_config
+from rankseg_jax.errors import DatasetError
 
 RESULTS_DIR = "eval"
+
+
+class ArraySource:
+    """Examples held in memory as a dataset source (benchmarks, notebooks, tests).
+
+    examples: (image (H, W, 3) uint8 RGB, label (H, W) int class ids) pairs; `source[i]` is
+    the reader's dict {"image", "label", "name"}.
+    """
+
+    def __init__(self, examples: Sequence[tuple[np.ndarray, np.ndarray]], class_names=None):
+        self.examples = list(examples)
+        self.class_names = tuple(class_names or ())
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.examples[int(index)]
+        return {"image": image, "label": np.asarray(label, np.int32), "name": str(int(index))}
 
 
 def results_path(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
@@ -64,7 +82,7 @@ def hide_gpus_from_tensorflow() -> None:
     TensorFlow would otherwise reserve most of the GPU memory when it first initialises.
     Must run before TensorFlow touches its devices; later calls do nothing.
     """
-    try:
+    try:  # tensorflow is heavy and optional here: imported only to hide the GPUs from it
         import tensorflow as tf
     except ImportError:
         return
@@ -77,7 +95,7 @@ def hide_gpus_from_tensorflow() -> None:
 def create_writer(workdir: str | pathlib.Path):
     """clu's default writer (TensorBoard on process 0, logging elsewhere), TF kept off GPUs."""
     hide_gpus_from_tensorflow()
-    from clu import metric_writers
+    from clu import metric_writers  # imports TensorFlow: only after the GPUs are hidden
 
     return metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=False
@@ -121,7 +139,6 @@ def sum_over_processes(values: np.ndarray) -> np.ndarray:
     values = np.ascontiguousarray(values)
     if jax.process_count() == 1:
         return values
-    from jax.experimental import multihost_utils
 
     words = values.reshape(-1).view(np.uint32)
     gathered = np.asarray(multihost_utils.process_allgather(words), np.uint32)
@@ -152,7 +169,7 @@ def _topk_from_sums(sums: np.ndarray) -> dict[str, float]:
     }
 
 
-def merged_result(scorer: evaluate.Scorer) -> dict[str, Any]:
+def merged_result(scorer: inference.Scorer) -> dict[str, Any]:
     """The scorer's result with counts and ceilings summed over all processes."""
     if jax.process_count() == 1:
         return scorer.result()
@@ -174,14 +191,14 @@ def merged_result(scorer: evaluate.Scorer) -> dict[str, Any]:
 # Evaluation.
 
 
-def _inferencer_of(evaluator: Any) -> evaluate.Inferencer:
-    if isinstance(evaluator, evaluate.Inferencer):
+def _inferencer_of(evaluator: Any) -> inference.Inferencer:
+    if isinstance(evaluator, inference.Inferencer):
         return evaluator
     inferencer = getattr(evaluator, "inferencer", None)
-    if isinstance(inferencer, evaluate.Inferencer):
+    if isinstance(inferencer, inference.Inferencer):
         return inferencer
     raise TypeError(
-        f"run_evaluation needs a Segmentor or an evaluate.Inferencer, got {type(evaluator)}"
+        f"run_evaluation needs a Segmentor or an inference.Inferencer, got {type(evaluator)}"
     )
 
 
@@ -205,11 +222,11 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Evaluate on `source` (a dataset reader) with the config's test inference; all processes.
 
-    evaluator: a `Segmentor` or an `evaluate.Inferencer` (reuse one across evaluations so the
+    evaluator: a `Segmentor` or an `inference.Inferencer` (reuse one across evaluations so the
     model compiles once); params: new parameters to evaluate (training), else its own.
     The images come through the eval pipeline (`data.num_workers` workers, keep-ratio resize
     to `data.test_scale` and the `eval.scales` ratios, normalisation), flips per `eval.flip`,
-    the first `eval.max_images` only when > 0. Returns `evaluate.Scorer.result()` summed over
+    the first `eval.max_images` only when > 0. Returns `inference.Scorer.result()` summed over
     processes, plus step, per_class (percent), the dataset's int64 pixel `counts`
     (intersection, prediction, label per class, so runs can be merged) and `extra`. With
     `writer` the scalars and the table go to TensorBoard at `step`; with `workdir` process 0
@@ -218,7 +235,7 @@ def run_evaluation(
     inferencer = _inferencer_of(evaluator)
     if params is not None:
         inferencer.params = params
-    _, settings = evaluate.settings_from_config(config)
+    _, settings = inference.settings_from_config(config)
     max_images = settings["max_images"]
     batches = pipeline.eval_batches(
         source, pipeline.PipelineConfig.from_config(config), max_examples=max_images
@@ -228,8 +245,8 @@ def run_evaluation(
         raise DatasetError(
             f"the dataset has {len(class_names)} classes but model.n_cls={inferencer.n_cls}"
         )
-    scorer = evaluate.Scorer(inferencer, class_names)
-    jobs = evaluate.batch_jobs(inferencer, batches, flip=settings["flip"])
+    scorer = inference.Scorer(inferencer, class_names)
+    jobs = inference.batch_jobs(inferencer, batches, flip=settings["flip"])
     show = progress and jax.process_index() == 0
     scorer.consume(jobs, progress=show, total=local_image_count(len(source), max_images))
     results = merged_result(scorer)
@@ -289,18 +306,6 @@ def format_report(results: Mapping[str, Any]) -> str:
     return "\n".join(header + lines)
 
 
-# ------------------------------------------------------------------------------------------
-# The command.
-
-SETUP_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, DatasetError)
-
-
-def _setup_errors() -> tuple[type[BaseException], ...]:
-    from rankseg_jax.convert import loading, mmseg
-
-    return SETUP_ERRORS + (loading.CheckpointFormatError, mmseg.CheckpointMismatchError)
-
-
 def inference_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The test-time settings recorded with the results."""
     return {
@@ -312,41 +317,3 @@ def inference_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "test_scale": list(config.data.test_scale),
         "max_images": int(config.eval.max_images),
     }
-
-
-def eval_command(config: ml_collections.ConfigDict, workdir: str) -> int:
-    """`--mode=eval`: evaluate the workdir's latest checkpoint (else init_from) on val.
-
-    Returns 0, or 2 after one error line for a missing/unreadable dataset or checkpoint, or a
-    corrupt example (unless `data.skip_corrupt`).
-    """
-    from rankseg_jax.segmentor import Segmentor
-
-    try:
-        source = source_from_config(config, "val")
-        segmentor = Segmentor.from_workdir(config, workdir)
-    except _setup_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    step = segmentor.step or 0
-    print(
-        f"evaluating {segmentor.weights} (step {step}, {segmentor.num_params:,} parameters) on "
-        f"{config.data.dataset} {source.split}: {len(source)} images"
-    )
-    writer = create_writer(workdir)
-    extra = {
-        "weights": str(segmentor.weights),
-        "dataset": config.data.dataset,
-        "split": source.split,
-        "inference": inference_settings(config),
-    }
-    try:
-        run_evaluation(
-            segmentor, config, source, step=step, writer=writer, workdir=workdir, extra=extra
-        )
-    except (pipeline.CorruptRecordError, DatasetError) as err:
-        print(f"error: {err} (data.skip_corrupt=True skips unreadable examples)", file=sys.stderr)
-        return 2
-    finally:
-        writer.close()
-    return 0

@@ -121,7 +121,7 @@ def torch_aug_test(model, image_u8, scales, flip, mean, std, crop, stride, n_cls
     import cv2
     import torch
 
-    from rankseg_jax.evaluate import rescale_size
+    from rankseg_jax.inference import rescale_size
 
     ori = image_u8.shape[:2]
     total, count = None, 0

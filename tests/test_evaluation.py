@@ -18,14 +18,17 @@ import jax
 import numpy as np
 import pytest
 
-from rankseg_jax import checkpoint, commands, configuration, eval_mode, metrics
-from rankseg_jax import evaluate as ev
+from rankseg_jax import checkpoint, evaluation, metrics
+from rankseg_jax import config as configuration
+from rankseg_jax import inference as ev
 from rankseg_jax.convert import mmseg, safetensors_io
 from rankseg_jax.convert.loading import expected_params
-from rankseg_jax.data import base, sources
+from rankseg_jax.data import sources
+from rankseg_jax.errors import DatasetError, DatasetNotFoundError, InputError
 from rankseg_jax.models.segmenter import create_model
+from rankseg_jax.modes import evaluate as evaluate_mode
 from rankseg_jax.segmentor import Segmentor, init_params
-from rankseg_jax.testing import toy_segmenter as toy
+from rankseg_testing import toy_segmenter as toy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_VAL = 3
@@ -76,15 +79,15 @@ def numpy_counts(segmentor: Segmentor, source) -> np.ndarray:
 
 
 def test_eval_command_writes_results_equal_to_numpy(setup, tmp_path, capsys):
-    """`commands.run("eval")` with init_from: the JSON's counts and mIoU equal a numpy
+    """`modes.evaluate.run` with init_from: the JSON's counts and mIoU equal a numpy
     computation from Segmentor.predict; NaN classes are null; the table is printed and written;
     TensorBoard gets the scalars."""
     config, weights, params = setup
     workdir = tmp_path / "run"
-    assert commands.run("eval", config, str(workdir)) == 0
+    assert evaluate_mode.run(config, str(workdir)) == 0
     printed = capsys.readouterr().out
-    results = json.loads(eval_mode.results_path(workdir, 0).read_text())
-    table = eval_mode.table_path(workdir, 0).read_text()
+    results = json.loads(evaluation.results_path(workdir, 0).read_text())
+    table = evaluation.table_path(workdir, 0).read_text()
 
     source = sources.source_from_config(config, "val")
     counts = numpy_counts(Segmentor(config, create_model(config.model), params), source)
@@ -108,7 +111,7 @@ def test_eval_command_writes_results_equal_to_numpy(setup, tmp_path, capsys):
     tags = tensorboard_tags(events[0])
     assert {"eval/mIoU", "eval/aAcc", "eval/pixel_recall", "eval/windows_per_s"} <= tags
     scored = [i for i, v in enumerate(results["IoU"]) if v is not None]
-    assert f"eval/IoU/{scored[0]:03d}_{eval_mode._tag(source.class_names[scored[0]])}" in tags
+    assert f"eval/IoU/{scored[0]:03d}_{evaluation._tag(source.class_names[scored[0]])}" in tags
     assert len([t for t in tags if t.startswith("eval/IoU/")]) == len(scored)
 
 
@@ -131,8 +134,8 @@ def test_workdir_checkpoint_wins_over_init_from(setup, tmp_path):
     checkpoint.save(manager, 7, params, {"step": np.int32(7)}, {"position": 0})
     manager.wait_until_finished()
     manager.close()
-    assert eval_mode.eval_command(config, str(workdir)) == 0
-    results = json.loads(eval_mode.results_path(workdir, 7).read_text())
+    assert evaluate_mode.run(config, str(workdir)) == 0
+    results = json.loads(evaluation.results_path(workdir, 7).read_text())
     assert results["step"] == 7 and "checkpoints/7" in results["weights"]
     source = sources.source_from_config(config, "val")
     counts = numpy_counts(Segmentor(config, model, params), source)
@@ -143,11 +146,11 @@ def test_gt_oracle_evaluation_selects_the_label_classes(setup):
     """run_evaluation with the GT-oracle head: every window gets its image's class set from the
     label, so the top-k ceilings are exactly 1; counts equal Segmentor.predict(image, label)."""
     config = setup[0].copy_and_resolve_references()
-    config.model.update(head="gt", k=150, dec_layers=2)
+    config.model.update(classifier="gt", k=150, dec_layers=2)
     config.init_from = ""
     segmentor = Segmentor.from_config(config)
     source = sources.source_from_config(config, "val")
-    results = eval_mode.run_evaluation(segmentor, config, source, progress=False)
+    results = evaluation.run_evaluation(segmentor, config, source, progress=False)
     assert results["topk"]["pixel_recall"] == 1.0 and results["topk"]["image_recall"] == 1.0
     total = np.zeros((3, source.n_cls), np.int64)
     for index in range(len(source)):
@@ -179,10 +182,10 @@ def test_missing_dataset_is_one_line_and_exit_2(tmp_path):
 def test_source_from_config_errors(tmp_path):
     config = tiny_config(tmp_path / "data")
     config.data.generate_if_missing = False
-    with pytest.raises(base.DatasetNotFoundError, match="data.root"):
+    with pytest.raises(DatasetNotFoundError, match="data.root"):
         sources.source_from_config(config, "val")
     config.data.update(generate_if_missing=True, dataset="ade20k")
-    with pytest.raises(base.DatasetError, match="generate_if_missing works only"):
+    with pytest.raises(DatasetError, match="generate_if_missing works only"):
         sources.source_from_config(config, "val")
 
 
@@ -190,7 +193,7 @@ def test_gt_head_slide_matches_torch_reference(torch):
     """GT oracle in slide inference: every window gets its whole image's class set (as a
     (1, n_cls) carrier), also when windows of two images share one model batch; probabilities
     match torch `Segmenter.slide_inference(..., targets=label)` within 1e-5."""
-    tr = pytest.importorskip("rankseg_jax.testing.torch_reference")
+    tr = pytest.importorskip("rankseg_testing.torch_reference")
     n_cls, crop, stride = 12, (32, 32), (24, 24)
     config = configuration.load_config("configs/ade20k_segmenter.py:head=gt")
     config.model.update(
@@ -238,7 +241,7 @@ def test_gt_head_slide_matches_torch_reference(torch):
         np.testing.assert_array_equal(done[i].pred, want.argmax(-1))
         present = np.unique(label[label < n_cls])
         np.testing.assert_array_equal(np.flatnonzero(done[i].selected), present)
-    with pytest.raises(ev.EvaluateError, match="GT-oracle"):
+    with pytest.raises(InputError, match="GT-oracle"):
         inferencer.make_job([(cases[0][0], False)], (40, 56))
 
 
@@ -289,15 +292,15 @@ def test_process_sums_and_topk_merge(monkeypatch):
     recall.update(np.array([1, 1, 0, 0], bool), np.array([5, 0, 3, 0]))
     recall.update(np.array([0, 1, 1, 0], bool), np.array([0, 2, 2, 6]))
     recall.update(np.array([1, 0, 0, 0], bool), np.zeros(4, np.int64))
-    merged = eval_mode._topk_from_sums(eval_mode._topk_sums(recall))
+    merged = evaluation._topk_from_sums(evaluation._topk_sums(recall))
     assert merged == pytest.approx(recall.result())
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, x]))
     big = np.array([[3, 2**40 + 5], [0, 2**33]], np.int64)
-    np.testing.assert_array_equal(eval_mode.sum_over_processes(big), 2 * big)
+    np.testing.assert_array_equal(evaluation.sum_over_processes(big), 2 * big)
     floats = np.array([0.1, 1e300, -2.5])
-    np.testing.assert_array_equal(eval_mode.sum_over_processes(floats), 2 * floats)
+    np.testing.assert_array_equal(evaluation.sum_over_processes(floats), 2 * floats)
 
 
 def test_scalars_skip_nan_and_name_classes():
@@ -307,7 +310,7 @@ def test_scalars_skip_nan_and_name_classes():
         "windows_per_s": 10.0, "images_per_s": 1.0,
         "topk": {"pixel_recall": 0.9, "image_recall": 0.8, "mean_selected": 5.0},
     }  # fmt: skip
-    out = eval_mode.scalars(results)
+    out = evaluation.scalars(results)
     assert out["eval/mIoU"] == 50.0 and out["eval/pixel_recall"] == 90.0
     assert out["eval/IoU/000_chest_of_drawers_chest"] == 25.0
     assert "eval/mAcc" not in out and not any(k.startswith("eval/IoU/001") for k in out)

@@ -14,7 +14,7 @@ import types
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rankseg_jax.testing import torch_reference as tr
+from rankseg_testing import torch_reference as tr
 
 
 def _encoder_sdpa_forward(self: tr._MultiheadAttention, x: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Sliding-window inference, resize, ms+flip and the eval loop against torch references.
 
-The model is the toy segmenter of `rankseg_jax.testing.toy_segmenter` (16x16 patches, a
+The model is the toy segmenter of `rankseg_testing.toy_segmenter` (16x16 patches, a
 grid-position term, bilinear back to the window size; optional RankSeg top-k with -100 fill),
 written in both JAX and torch. Tolerances: probabilities within 1e-5 absolute (float32 sums
 in a different order), argmax exactly equal.
@@ -15,9 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from rankseg_jax import evaluate as ev
-from rankseg_jax import metrics
-from rankseg_jax.testing import toy_segmenter as toy
+from rankseg_jax import evaluation, metrics
+from rankseg_jax import inference as ev
+from rankseg_jax.config import with_defaults
+from rankseg_jax.errors import InputError
+from rankseg_testing import toy_segmenter as toy
 
 N_CLS = 7
 PROB_TOL = 1e-5
@@ -218,25 +220,30 @@ def test_compilations_are_bounded_across_image_sizes():
     assert sorted(new_small_window) == ["jit(_merge_windows)", "jit(forward)"], new_small_window
 
 
-def test_evaluate_loop_scores_and_ceilings():
-    """evaluate() = per-image predict + mmseg counts; padding examples skipped; top-k ceilings."""
+def test_evaluation_loop_scores_and_ceilings():
+    """run_evaluation = per-image predict + mmseg counts over the eval pipeline; top-k ceilings."""
     topk = 3
     inferencer, _ = make_inferencer(topk, crop=(32, 32), stride=(24, 24), window_batch=4)
     mean, std, scale = (127.5,) * 3, (127.5,) * 3, (96, 32)
+    config = with_defaults(
+        dict(
+            model=dict(n_cls=N_CLS, k=topk),
+            data=dict(mean=mean, std=std, test_scale=scale, num_workers=0),
+            eval=dict(crop=(32, 32), stride=(24, 24), window_batch=4),
+        )
+    )
     rng = np.random.default_rng(7)
-    examples, kept = [], []
-    for index, (h, w) in enumerate([(40, 60), (64, 48), (30, 90), (50, 50)]):
+    examples = []
+    for h, w in [(40, 60), (64, 48), (50, 50)]:
         image = random_uint8_image(rng, h, w)
         label = rng.integers(0, N_CLS, (h, w)).astype(np.int32)
         label[rng.random((h, w)) < 0.2] = 255
-        valid = index != 2
-        examples.append({"image": image, "label": label, "valid": valid} if index else
-                        (image, label, valid))  # fmt: skip
-        if valid:
-            kept.append((image, label))
-    res = ev.evaluate(inferencer, examples, mean=mean, std=std, test_scale=scale, progress=False)
+        examples.append((image, label))
+    res = evaluation.run_evaluation(
+        inferencer, config, evaluation.ArraySource(examples), progress=False
+    )
     meter, recall = metrics.MeanIoU(N_CLS), metrics.TopkRecall()
-    for image, label in kept:
+    for image, label in examples:
         passes = ev.image_passes(image, mean=mean, std=std, test_scale=scale)
         got = inferencer.predict_passes(passes, label.shape)
         counts = metrics.counts_numpy(got.pred, label, N_CLS)
@@ -255,17 +262,15 @@ def test_evaluate_loop_scores_and_ceilings():
 def test_clear_errors():
     inferencer, _ = make_inferencer(0)
     image = np.zeros((20, 20, 3), np.float32)
-    with pytest.raises(ev.EvaluateError, match="label must be an integer array of shape"):
+    with pytest.raises(InputError, match="label must be an integer array of shape"):
         inferencer.make_job([(image, False)], (20, 20), label=np.zeros((5, 5), np.int32))
-    with pytest.raises(ev.EvaluateError, match="normalised float32"):
+    with pytest.raises(InputError, match="normalised float32"):
         inferencer.make_job([(image.astype(np.float64), False)], (20, 20))
-    with pytest.raises(ev.EvaluateError, match="mode must be"):
+    with pytest.raises(InputError, match="mode must be"):
         ev.InferenceConfig(mode="sliding")
     bad = ev.Inferencer(lambda p, x: x, None, N_CLS, ev.InferenceConfig(crop=(16, 16)))
-    with pytest.raises(ev.EvaluateError, match=r"expected \(1, 16, 16, 7\)|expected"):
+    with pytest.raises(InputError, match=r"expected \(1, 16, 16, 7\)|expected"):
         bad.predict(np.zeros((16, 16, 3), np.float32))
-    with pytest.raises(ev.EvaluateError, match="example 0 must be"):
-        ev.evaluate(inferencer, [np.zeros(3)], mean=(0,) * 3, std=(1,) * 3, progress=False)
 
 
 @pytest.mark.parametrize("model", ["rankseg", "baseline"])
@@ -297,7 +302,7 @@ def test_official_slide_outputs_from_recorded_window_logits(official, model):
 
 
 def test_settings_from_config():
-    common = pytest.importorskip("configs.common")
+    common = pytest.importorskip("rankseg_jax.config")
     config = common.with_defaults({"eval": {"scales": (0.5, 1.0), "flip": True}})
     inference, kwargs = ev.settings_from_config(config)
     assert inference.crop == (512, 512) and inference.rankseg_fill == -100.0

@@ -1,8 +1,8 @@
 """Scale-out checks that need their own JAX process (tests/test_scaleout.py runs them).
 
-    python -m rankseg_jax.testing.scaleout meshes  --out DIR
-    python -m rankseg_jax.testing.scaleout restore --out DIR
-    python -m rankseg_jax.testing.scaleout worker  --out DIR --data-root ROOT \
+    python -m rankseg_testing.scaleout meshes  --out DIR
+    python -m rankseg_testing.scaleout restore --out DIR
+    python -m rankseg_testing.scaleout worker  --out DIR --data-root ROOT \
         [--num-processes 2 --process-id I --port P] --local-devices N --fsdp F
 
 `meshes` and `restore` need 8 CPU devices: run them with
@@ -29,9 +29,9 @@ STEPS = 3
 
 def tiny_config(data_root: str = "", batch_size: int = 8, fsdp: int = 1) -> Any:
     """A 1-layer ViT at 32 px with drop-path and dropout active (the tests' tiny model)."""
-    from configs import demo
+    from rankseg_jax.config import load_config
 
-    config = demo.get_config("runlocal")
+    config = load_config("configs/demo.py:runlocal")
     with config.unlocked():
         config.batch_size = batch_size
         config.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, dec_heads=1, k=8)
@@ -85,7 +85,7 @@ def _train(config: Any, mesh: Any, batches: list[dict[str, np.ndarray]]) -> tupl
     """3 steps on `mesh` from the seeded init; (state, compilations per step)."""
     import jax
 
-    from rankseg_jax import evaluate, optim, train
+    from rankseg_jax import inference, optim, train
     from rankseg_jax import sharding as shd
     from rankseg_jax.models.segmenter import create_model
 
@@ -96,7 +96,7 @@ def _train(config: Any, mesh: Any, batches: list[dict[str, np.ndarray]]) -> tupl
     compiles = []
     for batch in batches:
         batch = jax.device_put(batch, shd.batch_sharding(mesh))
-        with evaluate.count_compilations() as names:
+        with inference.count_compilations() as names:
             state, _ = step_fn(state, batch)
             jax.block_until_ready(state)
         compiles.append(len(names))
@@ -237,7 +237,7 @@ def run_worker(args: argparse.Namespace, out: pathlib.Path) -> dict[str, Any]:
             process_id=args.process_id,
             initialization_timeout=60,
         )
-    from rankseg_jax import eval_mode, evaluate, optim, train
+    from rankseg_jax import evaluation, inference, optim, train
     from rankseg_jax import sharding as shd
     from rankseg_jax.data.pipeline import PipelineConfig, TrainIterator
     from rankseg_jax.data.sources import source_from_config
@@ -251,7 +251,7 @@ def run_worker(args: argparse.Namespace, out: pathlib.Path) -> dict[str, Any]:
 
     inferencer = Segmentor(config, model, shd.local_replica(state.params, mesh)).inferencer
     evaldir = out / f"eval_p{jax.process_index()}"
-    results = eval_mode.run_evaluation(
+    results = evaluation.run_evaluation(
         inferencer, config, source_from_config(config, "val"), workdir=evaldir, progress=False
     )
 
@@ -266,7 +266,7 @@ def run_worker(args: argparse.Namespace, out: pathlib.Path) -> dict[str, Any]:
         for _ in range(STEPS):
             batch = next(pipeline)
             positions.append(pipeline.positions.tolist())
-            with evaluate.count_compilations() as names:
+            with inference.count_compilations() as names:
                 state, _ = step_fn(state, batch)
                 jax.block_until_ready(state)
             compiles.append(len(names))
@@ -281,7 +281,7 @@ def run_worker(args: argparse.Namespace, out: pathlib.Path) -> dict[str, Any]:
         counts=results["counts"],
         mIoU=results["mIoU"],
         local_windows=inferencer.windows_run,
-        local_images=eval_mode.local_image_count(len(source_from_config(config, "val")), 5),
+        local_images=evaluation.local_image_count(len(source_from_config(config, "val")), 5),
         compiles=compiles,
         positions=positions,
         eval_files=sorted(p.name for p in evaldir.rglob("*") if p.is_file()),

@@ -1,4 +1,4 @@
-"""Sliding-window and whole-image inference (mmseg `EncoderDecoder`), and the evaluation loop.
+"""The one inference engine: sliding-window and whole-image inference (mmseg `EncoderDecoder`).
 
 Model-agnostic: the model enters as `encode_decode(params, windows) -> logits`, a jittable
 function from normalised windows (N, h, w, 3) float32 to logits (N, h, w, n_cls) at window
@@ -51,8 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from tqdm.auto import tqdm
 
 from rankseg_jax import metrics as metrics_lib
+from rankseg_jax.errors import InputError
+from rankseg_jax.models.segmenter import CANVAS_FILL
 
 EncodeDecode = Callable[..., jax.Array]
 """(params, windows (N, h, w, 3) float32[, context (N, ...)]) -> logits (N, h, w, n_cls) float32.
@@ -61,10 +64,6 @@ The context argument exists only for an Inferencer built with `label_context` (G
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # tools/test.py --aug-test
-
-
-class EvaluateError(ValueError):
-    """An input the evaluation cannot use (bad image/label shape or dtype, bad settings)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,13 +219,13 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("slide", "whole"):
-            raise EvaluateError(f"eval mode must be 'slide' or 'whole', got {self.mode!r}")
+            raise InputError(f"eval mode must be 'slide' or 'whole', got {self.mode!r}")
         for name in ("crop", "stride", "tile"):
             value = getattr(self, name)
             if len(value) != 2 or min(value) < 1:
-                raise EvaluateError(f"eval {name} must be two positive ints, got {value!r}")
+                raise InputError(f"eval {name} must be two positive ints, got {value!r}")
         if self.window_batch < 1:
-            raise EvaluateError(f"eval window_batch must be >= 1, got {self.window_batch}")
+            raise InputError(f"eval window_batch must be >= 1, got {self.window_batch}")
 
 
 @dataclasses.dataclass
@@ -239,6 +238,7 @@ class _Pass:
     cy: np.ndarray | None = None
     cx: np.ndarray | None = None
     selected: list = dataclasses.field(default_factory=list)
+    scores: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -247,7 +247,9 @@ class Prediction:
 
     pred: (H0, W0) int32; probs: (H0, W0, C) float32 or None; counts: (3, C) int64 metrics
     counts (I, P, G) or None without a label; selected: (C,) bool classes in some window's
-    top-k (RankSeg) or None; windows: model windows run for this image.
+    top-k (RankSeg) or None; windows: model windows run for this image; window_scores: per
+    pass, (windows of the pass, C) float32 image-level scores in window order, when
+    `encode_decode` returns them (see `Inferencer`), else None.
     """
 
     pred: np.ndarray | None
@@ -256,6 +258,7 @@ class Prediction:
     selected: np.ndarray | None
     windows: int
     tag: Any = None
+    window_scores: list[np.ndarray] | None = None
 
 
 @dataclasses.dataclass
@@ -278,6 +281,10 @@ class Inferencer:
 
     params: the model parameters (passed through to `encode_decode`); n_cls: classes; the
     rest as in `InferenceConfig`. Use `predict` for one image, `run` for a stream.
+
+    `encode_decode` may return `(logits, scores)` with scores (N, n_cls) per window from the
+    same forward pass (e.g. RankSeg's image-level scores); each Prediction then carries them
+    in `window_scores`, so a caller that wants both never runs the model twice per window.
 
     label_context: for models that read per-image information from the label at test time
     (the GT-oracle head reads the whole image's class set in every window): label (H0, W0) ->
@@ -310,16 +317,20 @@ class Inferencer:
 
         def forward(params, windows, *context):
             logits = encode_decode(params, windows, *context)
+            scores = None
+            if isinstance(logits, tuple):
+                logits, scores = logits
+                scores = scores.astype(jnp.float32)
             expected = windows.shape[:3] + (n_cls,)
             if logits.shape != expected:
-                raise EvaluateError(
+                raise InputError(
                     f"encode_decode returned logits of shape {logits.shape}; expected "
                     f"{expected} (N, h, w, n_cls) at window resolution"
                 )
             logits = logits.astype(jnp.float32)
             if fill is None:
-                return logits, None
-            return logits, jnp.any(logits > fill + 0.5, axis=(1, 2))
+                return logits, None, scores
+            return logits, jnp.any(logits > fill + 0.5, axis=(1, 2)), scores
 
         self._forward = jax.jit(forward)
         self._zeros = jax.jit(partial(jnp.zeros, dtype=jnp.float32), static_argnums=0)
@@ -387,12 +398,12 @@ class Inferencer:
     ) -> _Job:
         """Package one image's passes for `run`; checks shapes and dtypes with clear errors."""
         if not passes:
-            raise EvaluateError("an image needs at least one (image, flip) pass")
+            raise InputError("an image needs at least one (image, flip) pass")
         checked = []
         for image, flip in passes:
             image = np.asarray(image)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.float32:
-                raise EvaluateError(
+                raise InputError(
                     f"pass images must be normalised float32 (H, W, 3); got {image.dtype} "
                     f"{image.shape}"
                 )
@@ -401,20 +412,20 @@ class Inferencer:
         if label is not None:
             label = np.asarray(label)
             if label.shape != out_size or not np.issubdtype(label.dtype, np.integer):
-                raise EvaluateError(
+                raise InputError(
                     f"label must be an integer array of shape {out_size}; got {label.dtype} "
                     f"{label.shape}"
                 )
         if self.label_context is not None and context is None:
             if label is None:
-                raise EvaluateError(
+                raise InputError(
                     "this model reads the image's label at test time (GT-oracle head): give "
                     "the label map or its context"
                 )
             context = self.label_context(label)
         if context is not None:
             if self.label_context is None:
-                raise EvaluateError("context given, but the Inferencer has no label_context")
+                raise InputError("context given, but the Inferencer has no label_context")
             context = np.asarray(context)
         return _Job(checked, out_size, label, want_pred, want_probs, tag, context)
 
@@ -505,7 +516,7 @@ class Inferencer:
             for row, (job, _, _, _) in enumerate(items):
                 stacked[row] = job.context
             context = (stacked,)
-        logits, selected = self._forward(self.params, windows, *context)
+        logits, selected, scores = self._forward(self.params, windows, *context)
         self.windows_run += len(items)
         self.batches_run += 1
         rows_of: dict[int, list[int]] = collections.OrderedDict()
@@ -518,6 +529,8 @@ class Inferencer:
             p.canvas = self._merge(p.canvas, logits, offsets, valid)
             if selected is not None:
                 p.selected.append((selected, valid))
+            if scores is not None:
+                p.scores.append((scores, valid))
             job.pending -= len(rows)
 
     def _flush(self, queues: dict) -> None:
@@ -578,7 +591,13 @@ class Inferencer:
             for p in job.passes:
                 for sel, valid in p.selected:
                     selected |= np.asarray(sel)[valid].any(axis=0)
-        return Prediction(pred, probs, counts, selected, job.windows, job.tag)
+        window_scores = None
+        if any(p.scores for p in job.passes):
+            window_scores = [
+                np.concatenate([np.asarray(sc)[valid] for sc, valid in p.scores])
+                for p in job.passes
+            ]
+        return Prediction(pred, probs, counts, selected, job.windows, job.tag, window_scores)
 
 
 def _merge_windows(canvas, logits, offsets, valid):
@@ -616,19 +635,20 @@ def _finish_tile(
 
 
 def settings_from_config(config: Any) -> tuple[InferenceConfig, dict[str, Any]]:
-    """The InferenceConfig and the `evaluate` keyword arguments a project config asks for.
+    """The InferenceConfig and the test-pipeline keyword arguments a project config asks for.
 
     Reads eval.{mode, crop, stride, window_batch, scales, flip, max_images}, data.{test_scale,
-    mean, std}, model.head (RankSeg heads fill with -100, so the top-k ceilings are reported).
+    mean, std}, model.classifier (RankSeg and GT heads fill the non-top-k classes with
+    CANVAS_FILL, so the top-k ceilings are reported).
     """
-    head = config.model.head
+    head = config.model.classifier
     inference = InferenceConfig(
         mode=config.eval.mode,
         crop=tuple(config.eval.crop),
         stride=tuple(config.eval.stride),
         window_batch=int(config.eval.window_batch),
         tile=tuple(config.eval.tile),
-        rankseg_fill=-100.0 if head in ("rankseg", "gt") else None,
+        rankseg_fill=CANVAS_FILL if head in ("rankseg", "gt") else None,
     )
     kwargs = dict(
         mean=tuple(config.data.mean),
@@ -666,22 +686,7 @@ def count_compilations() -> Iterator[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------
-# The evaluation loop.
-
-
-def _example_parts(example: Any, index: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    if isinstance(example, Mapping):
-        try:
-            return example["image"], example["label"], bool(example.get("valid", True))
-        except KeyError as err:
-            raise EvaluateError(f"example {index} has no key {err}") from None
-    if isinstance(example, tuple | list) and len(example) in (2, 3):
-        valid = bool(example[2]) if len(example) == 3 else True
-        return example[0], example[1], valid
-    raise EvaluateError(
-        f"example {index} must be (image, label[, valid]) or a dict with image/label; got "
-        f"{type(example).__name__}"
-    )
+# Jobs from images and from the eval pipeline's batches.
 
 
 def image_passes(
@@ -701,9 +706,9 @@ def image_passes(
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise EvaluateError(f"image must be (H, W, 3); got shape {image.shape}")
+        raise InputError(f"image must be (H, W, 3); got shape {image.shape}")
     if image.dtype not in (np.uint8, np.float32):
-        raise EvaluateError(f"image must be uint8 (raw) or float32 (normalised); got {image.dtype}")
+        raise InputError(f"image must be uint8 (raw) or float32 (normalised); got {image.dtype}")
     scales = [None] if test_scale is None else ms_scales(test_scale, ratios)
     passes = []
     for scale in scales:
@@ -734,58 +739,11 @@ def gt_class_set(label: np.ndarray, n_cls: int) -> np.ndarray:
 def _checked_label(label: Any, image_shape: tuple[int, ...], index: Any) -> np.ndarray:
     label = np.asarray(label)
     if label.shape != tuple(image_shape[:2]):
-        raise EvaluateError(
+        raise InputError(
             f"example {index}: label shape {label.shape} does not match image shape "
             f"{tuple(image_shape[:2])}"
         )
     return label.astype(np.int32)
-
-
-def evaluate(
-    inferencer: Inferencer,
-    examples: Iterable[Any],
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    test_scale: Sequence[int] | None = (2048, 512),
-    ratios: Sequence[float] = (1.0,),
-    flip: bool = False,
-    class_names: Sequence[str] | None = None,
-    reduce_zero_label: bool = False,
-    max_images: int = 0,
-    progress: bool = True,
-    total: int | None = None,
-) -> dict[str, Any]:
-    """mIoU (and RankSeg's top-k ceilings) of a model over a stream of examples.
-
-    examples: (image, label) or (image, label, valid) tuples, or dicts with those keys. image
-    (H0, W0, 3) uint8 RGB or normalised float32 at its original size; label (H0, W0) integer
-    class ids (255 = ignore; raw ids with `reduce_zero_label`); valid False skips a padding
-    example. Metrics are taken at the label's resolution, as mmseg's pre_eval does.
-    Returns `MeanIoU.result()` plus `topk` (when `rankseg_fill` is set), `eval_time_s`,
-    `images_per_s`, `windows`, `windows_per_s` and `compilations`.
-    """
-
-    def jobs() -> Iterator[_Job]:
-        for index, example in enumerate(examples):
-            if max_images and index >= max_images:
-                return
-            image, label, valid = _example_parts(example, index)
-            if not valid:
-                continue
-            label = np.asarray(label)
-            if reduce_zero_label:
-                label = metrics_lib.reduce_zero_label(label, inferencer.ignore_index)
-            label = _checked_label(label, np.shape(image), index)
-            passes = image_passes(
-                image, mean=mean, std=std, test_scale=test_scale, ratios=ratios, flip=flip
-            )
-            yield inferencer.make_job(passes, label.shape, label=label, want_pred=False, tag=index)
-
-    limit = min(total, max_images) if total and max_images else (total or max_images)
-    scorer = Scorer(inferencer, class_names)
-    scorer.consume(jobs(), progress=progress, total=limit or None)
-    return scorer.result()
 
 
 def batch_jobs(
@@ -819,7 +777,7 @@ class Scorer:
     """Runs jobs through an Inferencer and accumulates mIoU counts and top-k ceilings.
 
     Kept separate from the loop so that several processes can each score their share and
-    merge `counts` / `recall` before `result()` (see `rankseg_jax.eval_mode`).
+    merge `counts` / `recall` before `result()` (see `rankseg_jax.evaluation`).
     """
 
     def __init__(self, inferencer: Inferencer, class_names: Sequence[str] | None = None):
@@ -845,8 +803,6 @@ class Scorer:
         with count_compilations() as compiled:
             stream = self.inferencer.run(jobs)
             if progress:
-                from tqdm.auto import tqdm
-
                 stream = tqdm(stream, total=total, desc="eval", unit="img")
             for done in stream:
                 self.meter.update(done.counts)

@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import ade20k_segmenter
+from rankseg_jax.config import load_config
 from rankseg_jax.convert import loading, mmseg
 from rankseg_jax.models.segmenter import create_model
 
 
 def small_config(head: str = "rankseg") -> ml_collections.ConfigDict:
     """The ADE20K config with the fixtures' "small" overrides (width 64, depth 2, 64×64)."""
-    config = ade20k_segmenter.get_config(f"head={head}")
+    config = load_config(f"configs/ade20k_segmenter.py:head={head}")
     with config.unlocked():
         config.model.update(
             variant="custom", width=64, depth=2, num_heads=2, mlp_dim=256,
