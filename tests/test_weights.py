@@ -106,7 +106,7 @@ def _params(path, config, base):
 
 
 def test_augreg_npz_through_the_registry_equals_loading_the_path(cache, tmp_path, monkeypatch):
-    """ViT params from `resolve('augreg_vit_b16_384')` are those of the same file by path."""
+    """load_params('augreg_vit_b16_384') (fetched by name) equals load_params(the file's path)."""
     entry = weights.get("augreg_vit_b16_384")
     npz = tmp_path / "local.npz"
     np.savez(npz, **_fake_augreg(seed=3))
@@ -115,9 +115,11 @@ def test_augreg_npz_through_the_registry_equals_loading_the_path(cache, tmp_path
     base = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
     with FileServer({"/" + entry.filename: npz.read_bytes()}) as server:
         monkeypatch.setenv("RANKSEG_JAX_WEIGHTS_BASE_URL", server.base_url)
-        resolved = weights.resolve("augreg_vit_b16_384", progress=False)
-    assert resolved.suffix == ".npz" and resolved != npz
-    by_name, by_path = _params(resolved, config, base), _params(npz, config, base)
+        by_name = _params("augreg_vit_b16_384", config, base)  # as model.pretrained=NAME does
+        assert server.gets["/" + entry.filename] == 1
+    resolved = weights.cached_path("augreg_vit_b16_384")
+    assert resolved.suffix == ".npz" and resolved.read_bytes() == npz.read_bytes()
+    by_path = _params(npz, config, base)
     flat_name = jax.tree_util.tree_flatten_with_path(by_name)[0]
     flat_path = jax.tree_util.tree_flatten_with_path(by_path)[0]
     assert [k for k, _ in flat_name] == [k for k, _ in flat_path]

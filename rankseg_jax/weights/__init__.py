@@ -28,6 +28,7 @@ __all__ = [
     "cached_path",
     "fetch",
     "get",
+    "local_path",
     "names",
     "resolve",
     "url_of",
@@ -247,6 +248,17 @@ def fetch(name: str, *, progress: bool = True) -> pathlib.Path:
     return download.fetch(
         url_of(entry), entry.filename, sha256=entry.sha256, label=name, progress=progress
     )
+
+
+def local_path(spec: str | os.PathLike) -> pathlib.Path:
+    """Registry names and URLs -> their cached file (downloaded if needed); paths unchanged.
+
+    What the loaders call: a missing path still fails where it is opened, with its own message.
+    """
+    text = os.fspath(spec).strip()
+    if text in REGISTRY or _URL.match(text):
+        return resolve(text)
+    return pathlib.Path(spec)
 
 
 def resolve(spec: str | os.PathLike, *, progress: bool = True) -> pathlib.Path:
