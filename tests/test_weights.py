@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 import re
@@ -147,3 +148,24 @@ def test_cli_lists_names_and_fetch_reports_one_line(cache):
     assert fetched.returncode == 2
     lines = fetched.stderr.strip().splitlines()
     assert len(lines) == 1 and str(weights.cached_path("augreg_vit_l16_384")) in lines[0]
+
+
+def test_readme_reproduce_table_uses_registered_names_and_valid_configs():
+    """Every row of README "Reproduce a row": its config builds, START/RELEASE are names."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Reproduce a row", 1)[1]
+    rows = re.findall(r"^\| [^|]+ \| `configs/([a-z0-9_]+)\.py:?([^`]*)` \| `(\w+)` \|"
+                      r"[^|]+\|[^|]+\| ([^|]+) \|", section, re.MULTILINE)  # fmt: skip
+    assert len(rows) == 14
+    for module, arg, start, release in rows:
+        config = importlib.import_module(f"configs.{module}").get_config(arg or None)
+        assert weights.get(start).format == "augreg_npz"
+        assert ("L_16" in weights.get(start).url) == (config.model.variant == "L/16")
+        names = re.findall(r"`(\w+)`", release)
+        for name in names:
+            entry = weights.get(name)
+            assert entry.config.startswith(f"configs/{module}.py"), (name, entry.config)
+            assert entry.config.removeprefix(f"configs/{module}.py").lstrip(":") == arg
+    commands = section.split("```bash", 1)[1].split("```", 1)[0]
+    for name in re.findall(r"(?:pretrained|init_from|fetch)[= ](\w+)", commands):
+        weights.get(name)
