@@ -128,7 +128,7 @@ def _verify_cached(dest: pathlib.Path, expected: str | None) -> str | None:
         return None
     sidecar = _sidecar(dest)
     if sidecar.exists():
-        recorded = sidecar.read_text().split()[0] if sidecar.read_text().split() else ""
+        recorded = next(iter(sidecar.read_text().split()), "")
         if recorded != actual:
             return (
                 f"sha256 {actual[:16]}... differs from the {recorded[:16]}... recorded in "
@@ -306,6 +306,10 @@ def fetch(
             print(f"rankseg_jax: {label}: {dest} {problem}; downloading again", file=sys.stderr)
             dest.unlink()
             _sidecar(dest).unlink(missing_ok=True)
+        source = part.with_name(part.name + ".url")  # a .part from another URL is not resumed
+        if part.exists() and (not source.exists() or source.read_text() != url):
+            part.unlink()
+        _write_atomic(source, url)
         failures = 0
         while True:
             before = part.stat().st_size if part.exists() else 0
@@ -330,12 +334,14 @@ def fetch(
         actual = sha256_of(part)
         if expected is not None and not _matches(actual, expected):
             part.unlink()
+            source.unlink(missing_ok=True)
             raise ChecksumError(
                 f"{label}: downloaded file has sha256 {actual[:16]}..., expected "
                 f"{expected[:16]}... (partial file removed); the URL {url} serves another file"
             )
         _write_atomic(_sidecar(dest), actual + "\n")
         os.replace(part, dest)
+        source.unlink(missing_ok=True)
     return dest
 
 

@@ -194,3 +194,12 @@ def test_two_processes_asking_for_one_file_download_it_once(server, cache):
     assert out_a.strip() == out_b.strip() == str(cache / "weights.pth")
     assert (cache / "weights.pth").read_bytes() == DATA
     assert server.gets[PATH] == 1
+
+
+def test_a_partial_file_from_another_url_is_not_resumed(server, cache):
+    cache.mkdir()
+    (cache / "weights.pth.part").write_bytes(b"bytes of some other file")
+    (cache / "weights.pth.part.url").write_text("http://elsewhere.invalid/weights.pth")
+    assert fetch(server).read_bytes() == DATA
+    assert server.ranges == []
+    assert not (cache / "weights.pth.part.url").exists()
