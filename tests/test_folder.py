@@ -228,3 +228,31 @@ def test_colour_mask_needs_a_palette_and_no_zero_reduction(dataset):
     with pytest.raises(base.LabelModeError) as err:
         _bad(root, "val_rgb", palette=PALETTE, reduce_zero_label=True)
     _one_line(err, "reduce_zero_label")
+
+
+def test_generated_folder_dataset_reads_both_label_kinds(tmp_path):
+    """The package's generator (7 classes, palette PNGs, colour-mask split) through the reader;
+    the reader pickles (grain workers copy sources)."""
+    import pickle
+
+    from rankseg_jax.data import folder_demo
+
+    root = folder_demo.generate_folder(tmp_path, n_train=3, n_val=2, seed=0, max_side=80)
+    train = folder.FolderSource(root, "train")
+    train.check_layout()
+    assert train.class_names == folder_demo.CLASS_NAMES and len(train) == 3
+    np.testing.assert_array_equal(train.palette, folder_demo.PALETTE)
+    assert Image.open(pathlib.Path(root) / "annotations" / "train" / "train_00000.png").mode == "P"
+    seen = set()
+    for i in range(len(train)):
+        example = train[i]
+        _, want = folder_demo.make_example(0, 0, i, 64, 80)
+        np.testing.assert_array_equal(example["label"], want)
+        seen |= set(np.unique(example["label"]).tolist())
+    assert seen - {255} and seen <= set(range(7)) | {255}
+    val, rgb = folder.FolderSource(root, "val"), folder.FolderSource(root, "val_rgb")
+    for i in range(2):
+        np.testing.assert_array_equal(rgb[i]["label"], val[i]["label"])
+        np.testing.assert_array_equal(rgb[i]["image"], val[i]["image"])
+    copy = pickle.loads(pickle.dumps(rgb))
+    np.testing.assert_array_equal(copy[1]["label"], val[1]["label"])
