@@ -498,3 +498,34 @@ def dice_loss(
     if 0 <= ignore_index < n_cls:
         per_class = per_class.at[ignore_index].set(0.0)
     return loss_weight * jnp.sum(per_class) / n_cls
+
+
+def weighted_seg_loss(
+    outputs: Mapping[str, Any],
+    labels: jax.Array,
+    class_weight: jax.Array,
+    ignore_index: int = 255,
+    reduction: str = "weighted_mean",
+) -> tuple[jax.Array, jax.Array]:
+    """The class-weighted `decode.loss_seg` of any head: (batch scalar, per-image (B,)).
+
+    outputs as `loss_terms` takes them: masks (B, h, w, k) are upsampled to the label size;
+    without `topk` (baseline) the CE is on the class channels (`weighted_pixel_ce`), with it
+    (RankSeg, GT oracle) on the relabelled slots with each slot's class weight
+    (`weighted_slot_ce`). Per-image values are each image's own weighted mean, as if alone
+    in the batch (the reference's one-image-per-GPU logs); the scalar is the batch's.
+    """
+    masks, topk = outputs["masks"], outputs.get("topk")
+    labels = labels.astype(jnp.int32)
+    logits = upsample_logits(masks, labels.shape[1:])
+    if topk is None:
+        one = lambda x, y: weighted_pixel_ce(x[None], y[None], class_weight, reduction)
+        batch = weighted_pixel_ce(logits, labels, class_weight, reduction)
+        per_image = jax.vmap(one)(logits, labels)
+    else:
+        one = lambda x, y, t: weighted_slot_ce(
+            x[None], y[None], t[None], class_weight, ignore_index, reduction
+        )
+        batch = weighted_slot_ce(logits, labels, topk, class_weight, ignore_index, reduction)
+        per_image = jax.vmap(one)(logits, labels, topk)
+    return batch, per_image

@@ -144,3 +144,32 @@ def test_dice_loss_small_for_confident_correct_prediction():
     wrong = 30.0 * jax.nn.one_hot((labels + 1) % 4, 4)
     good, bad = losses.dice_loss(perfect, labels), losses.dice_loss(wrong, labels)
     assert float(good) < 1e-3 and float(bad) > 0.9
+
+
+def test_weighted_seg_loss_dispatch_and_uniform_weights_match_unweighted():
+    """With uniform weights and the all-pixels reduction, the weighted loss is the existing
+    decode.loss_seg for both heads; per-image values are the images alone."""
+    rng = np.random.default_rng(5)
+    n_cls, k = 6, 3
+    labels = rng.integers(0, n_cls, (2, 16, 16)).astype(np.int32)
+    labels[1, :4] = IGNORE
+    config = {"seg_loss_weight": 1.0, "img_loss": "bce", "img_loss_weight": 0.0}
+    config.update(gamma_neg=2.0, gamma_pos=0.0, clip=0.05, eps=1e-5)
+    ones = np.ones(n_cls, np.float32)
+    baseline = {"masks": rng.normal(size=(2, 8, 8, n_cls)).astype(np.float32), "topk": None}
+    topk = np.array([[0, 2, 5], [1, 4, -1]], np.int32)
+    rankseg = {"masks": rng.normal(size=(2, 8, 8, k)).astype(np.float32), "topk": topk}
+    for outputs in (baseline, rankseg):
+        terms = jax.jit(lambda o: losses.loss_terms(o, labels, config, n_cls, IGNORE))(outputs)
+        batch, per_image = jax.jit(
+            lambda o: losses.weighted_seg_loss(o, labels, ones, IGNORE, "all_pixels")
+        )(outputs)
+        assert float(batch) == pytest.approx(float(terms.metrics["decode.loss_seg"]), rel=1e-6)
+        np.testing.assert_allclose(per_image, terms.per_image["decode.loss_seg"], rtol=1e-6)
+    weight = rng.uniform(0.5, 2.0, n_cls).astype(np.float32)
+    batch, per_image = losses.weighted_seg_loss(rankseg, labels, weight, IGNORE)
+    logits = losses.upsample_logits(rankseg["masks"], (16, 16))
+    alone = losses.weighted_slot_ce(logits[1:], labels[1:], topk[1:], weight, IGNORE)
+    assert float(per_image[1]) == pytest.approx(float(alone), rel=1e-6)
+    whole = losses.weighted_slot_ce(logits, labels, topk, weight, IGNORE)
+    assert float(batch) == pytest.approx(float(whole), rel=1e-6)
