@@ -179,6 +179,10 @@ def test_image_without_label(dataset):
     with pytest.raises(base.MissingLabelError) as err:
         _bad(root)
     _one_line(err, str(root / "images" / "val" / "val_002.png"), "without label", "1 of 3")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "annotations" / "val" / "val_002.jpg")
+    with pytest.raises(base.MissingLabelError) as err:
+        _bad(root)
+    _one_line(err, "val_002.jpg", "lossless")
 
 
 def test_size_mismatch(dataset):

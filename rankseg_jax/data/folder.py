@@ -51,6 +51,7 @@ from rankseg_jax.data.base import (
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG", ".webp")
 CLASSES_TXT = "classes.txt"
 CLASSES_JSON = "classes.json"
 DEFAULT_IGNORE_INDEX = 255
@@ -325,10 +326,21 @@ class FolderSource(SegmentationSource):
         missing = [s for s in self.stems if s not in self._labels]
         if missing:
             image = os.path.join(self.image_dir, self._images[missing[0]])
+            lossy = [
+                f"{missing[0]}{suffix}"
+                for suffix in LOSSY_SUFFIXES
+                if os.path.isfile(os.path.join(self.label_dir, missing[0] + suffix))
+            ]
+            hint = (
+                f"; found {lossy[0]}, but labels must be lossless (PNG/BMP/TIFF): JPEG changes "
+                "the class values"
+                if lossy
+                else ""
+            )
             raise MissingLabelError(
                 f"{image}: image without label, no {missing[0]}{{{','.join(LABEL_SUFFIXES)}}} in "
                 f"{self.label_dir} ({len(missing)} of {len(self.stems)} images in split "
-                f"{self.split!r} have no label)"
+                f"{self.split!r} have no label){hint}"
             )
 
     def paths(self, index: int) -> tuple[str, str]:
