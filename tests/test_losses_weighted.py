@@ -10,6 +10,8 @@ import pytest
 from rankseg_jax import losses
 
 IGNORE = 255
+# Jitted once: eager op-by-op dispatch of these losses is slower than one compile.
+slot_ce = jax.jit(losses.weighted_slot_ce, static_argnames=("ignore_index", "reduction"))
 
 
 def _case(seed: int, b: int = 2, h: int = 6, w: int = 7, c: int = 5):
@@ -76,7 +78,7 @@ def test_slot_ce_uses_each_slots_class_weight(torch):
     topk = np.array([[3, 0, 7, 5], [1, 3, -1, 8]], np.int32)  # image 1 has an empty slot
     slot_logits = rng.normal(size=(2, 8, 6, k)).astype(np.float32)
     weight = rng.uniform(0.1, 4.0, n_cls).astype(np.float32)
-    ours = losses.weighted_slot_ce(slot_logits, labels, topk, weight, IGNORE)
+    ours = slot_ce(slot_logits, labels, topk, weight, IGNORE)
     slots = _slot_labels(labels, topk)
     F = torch.nn.functional
     sums, norms = 0.0, 0.0
@@ -85,7 +87,7 @@ def test_slot_ce_uses_each_slots_class_weight(torch):
         x = torch.tensor(slot_logits[b : b + 1]).permute(0, 3, 1, 2)
         y = torch.tensor(slots[b : b + 1])
         one = F.cross_entropy(x, y, weight=torch.tensor(slot_w), ignore_index=IGNORE)
-        alone = losses.weighted_slot_ce(slot_logits[b : b + 1], labels[b : b + 1],
+        alone = slot_ce(slot_logits[b : b + 1], labels[b : b + 1],
                                         topk[b : b + 1], weight, IGNORE)  # fmt: skip
         assert float(alone) == pytest.approx(one.item(), rel=1e-6)
         sums += F.cross_entropy(
@@ -96,12 +98,12 @@ def test_slot_ce_uses_each_slots_class_weight(torch):
     assert float(ours) == pytest.approx(sums / norms, rel=1e-6)
     # The weight follows the class, not the slot: permuting the slots changes nothing.
     perm = np.array([2, 0, 3, 1])
-    permuted = losses.weighted_slot_ce(slot_logits[..., perm], labels, topk[:, perm], weight)
+    permuted = slot_ce(slot_logits[..., perm], labels, topk[:, perm], weight)
     assert float(permuted) == pytest.approx(float(ours), rel=1e-6)
     # ...while keeping the slots and swapping the per-class weights does change it.
     swapped = weight.copy()
     swapped[[3, 7]] = swapped[[7, 3]]
-    changed = losses.weighted_slot_ce(slot_logits, labels, topk, swapped)
+    changed = slot_ce(slot_logits, labels, topk, swapped)
     assert abs(float(changed) - float(ours)) > 1e-4
 
 
