@@ -258,5 +258,10 @@ def test_generated_folder_dataset_reads_both_label_kinds(tmp_path):
     for i in range(2):
         np.testing.assert_array_equal(rgb[i]["label"], val[i]["label"])
         np.testing.assert_array_equal(rgb[i]["image"], val[i]["image"])
+    assert folder.available_splits(root) == ["train", "val", "val_rgb"]
+    info = rgb.definition()
+    assert info["class_names"] == list(folder_demo.CLASS_NAMES) and info["label_dtype"] == "uint8"
+    assert info["ignore_color"] == [255, 255, 255] and info["palette"][2] == [6, 230, 230]
+    json.dumps(info)  # JSON-ready
     copy = pickle.loads(pickle.dumps(rgb))
     np.testing.assert_array_equal(copy[1]["label"], val[1]["label"])

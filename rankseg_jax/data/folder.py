@@ -253,6 +253,21 @@ class FolderSource(SegmentationSource):
                     f"{where}: ignore_color {self.ignore_color} is a class colour"
                 )
 
+    def definition(self) -> dict[str, Any]:
+        """The label definition as JSON-ready data: what a prepared (TFDS) copy, an exported
+        model or a cache key must carry, since it lives on the instance, not the class."""
+        return {
+            "dataset": self.dataset,
+            "n_cls": self.n_cls,
+            "class_names": list(self.class_names),
+            "palette": self.palette.tolist(),
+            "has_palette": self.has_palette,
+            "ignore_index": self.ignore_index,
+            "ignore_color": None if self.ignore_color is None else list(self.ignore_color),
+            "reduce_zero_label": self.reduce_zero_label,
+            "label_dtype": "uint8" if max(self.n_cls, self.ignore_index) <= 255 else "uint16",
+        }
+
     # ----------------------------------------------------------------------------- layout
     def _resolve_root(self, root: str) -> str:
         path = os.path.abspath(root)
@@ -439,3 +454,16 @@ class FolderSource(SegmentationSource):
         return (
             f"{zero}{lo}..{hi} = the classes of {self.classes_source}, {self.ignore_index} = ignore"
         )
+
+
+def available_splits(root: str | os.PathLike) -> list[str]:
+    """The split folder names under `<root>/images` that also exist under `annotations`."""
+    images = os.path.join(os.fspath(root), "images")
+    labels = os.path.join(os.fspath(root), "annotations")
+    if not os.path.isdir(images):
+        raise DatasetNotFoundError(f"{images}: not found (expected {EXPECTED_TREE})")
+    return sorted(
+        n
+        for n in os.listdir(images)
+        if os.path.isdir(os.path.join(images, n)) and os.path.isdir(os.path.join(labels, n))
+    )
