@@ -1,55 +1,9 @@
 """rankseg_jax entry point: `python main.py --config=configs/demo.py --workdir=DIR [--mode=...]`.
 
-Kept short on purpose: flags, logging, optional jax.distributed, then one call per mode.
+The command line lives in rankseg_jax/cli.py so that `python -m rankseg_jax` runs the same.
 """
 
-from __future__ import annotations
-
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (path.py[:arg]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
-flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"], "Overrides config.mode.")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed.initialize().")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv: list[str]) -> int:
-    del argv
-    from rankseg_jax import distributed
-
-    config = FLAGS.config
-    mode = FLAGS.mode or config.mode
-    if mode in ("train", "eval"):  # clu's writers import TensorFlow: keep it off the GPUs
-        from rankseg_jax.eval_mode import hide_gpus_from_tensorflow
-
-        hide_gpus_from_tensorflow()
-    logging.info(distributed.maybe_initialize(FLAGS.distributed))  # before any other JAX call
-    from configs import common
-    from rankseg_jax import commands
-
-    try:
-        common.validate(config)
-    except common.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    logging.info("mode=%s workdir=%s", mode, FLAGS.workdir)
-    return commands.run(mode, config, FLAGS.workdir)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with config errors (unknown keys, bad args) as one line, exit 2."""
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, FileNotFoundError) as exc:
-        cause = exc.__cause__ or exc.__context__ or exc
-        print(f"error: {cause if isinstance(exc, flags.Error) else exc}", file=sys.stderr)
-        sys.exit(2)
-
+from rankseg_jax import cli
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+    cli.run()
