@@ -9,6 +9,7 @@ from rankseg_jax.convert.mmseg import CheckpointMismatchError
 from rankseg_jax.convert.torch_pickle import CheckpointError
 from rankseg_jax.data.base import DatasetError
 from rankseg_jax.data.pipeline import CorruptRecordError, DataStateError
+from rankseg_jax.distributed import DistributedError
 from rankseg_jax.download import DownloadError
 from rankseg_jax.provenance import ResumeMismatchError
 from rankseg_jax.sharding import MeshError
@@ -25,5 +26,6 @@ USER_ERRORS = (
     ResumeMismatchError,
     MeshError,
     DownloadError,
+    DistributedError,
     FileNotFoundError,
 )
