@@ -65,7 +65,8 @@ def test_fresh_venv_install_imports_and_runs_outside_the_repo(tmp_path):
     )  # fmt: skip
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
     script = (
-        "import pathlib, rankseg_jax\n"
+        "import importlib.metadata, pathlib, rankseg_jax\n"
+        "assert 'jax>=0.10.2' in importlib.metadata.requires('rankseg_jax')\n"
         "print(pathlib.Path(rankseg_jax.__file__).resolve())\n"
         f"seg = rankseg_jax.Segmentor.from_config({str(REPO / 'configs' / 'demo.py')!r})\n"
         "print(seg.num_params)\n"
@@ -84,4 +85,5 @@ def test_fresh_venv_install_imports_and_runs_outside_the_repo(tmp_path):
         cwd=elsewhere, capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert cli.returncode == 2, cli.stderr[-3000:]
+    assert (venv / "bin" / "rankseg-jax").exists()  # the console script of the same CLI
     assert cli.stderr.strip().splitlines()[-1].startswith("error: num_processes=2 needs")
