@@ -31,7 +31,7 @@ ENV_NAMES = {
     "num_processes": "JAX_NUM_PROCESSES",
     "process_id": "JAX_PROCESS_ID",
 }
-# The CPU collectives a multi-process CPU run uses (jax's default since 0.5; older jax: "none").
+# The CPU collectives a multi-process CPU run uses (the default of jax 0.10.2; older jax: "none").
 CPU_COLLECTIVES = "gloo"
 
 
