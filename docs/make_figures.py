@@ -22,7 +22,7 @@ DOCS = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS.parent))
 
 from rankseg_jax import predict, visualize  # noqa: E402
-from rankseg_jax.configuration import load_config  # noqa: E402
+from rankseg_jax.config import load_config  # noqa: E402
 from rankseg_jax.data import synthetic  # noqa: E402
 from rankseg_jax.segmentor import Segmentor  # noqa: E402
 

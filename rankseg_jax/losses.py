@@ -381,3 +381,151 @@ def segmentation_losses(
     """
     terms = loss_terms(outputs, labels, loss_config, n_cls, ignore_index)
     return terms.total, terms.metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Class-weighted pixel CE, its RankSeg rank-slot variant, and mmseg's DiceLoss (issue 16)
+# --------------------------------------------------------------------------------------------
+
+CE_REDUCTIONS = ("weighted_mean", "all_pixels")
+
+
+def _reduce_weighted(ce: jax.Array, weight: jax.Array, reduction: str) -> jax.Array:
+    """Σ w·ce / Σ w over valid pixels (torch `F.cross_entropy(weight=...)`'s 'mean'; 0 when no
+    pixel has weight, where torch gives NaN), or Σ w·ce / #all pixels (mmseg 0.x
+    `CrossEntropyLoss(class_weight=...)`, whose `weight_reduce_loss` averages over every
+    element)."""
+    total = jnp.sum(weight * ce)
+    if reduction == "weighted_mean":
+        norm = jnp.sum(weight)
+        return jnp.where(norm > 0, total / jnp.where(norm > 0, norm, 1.0), 0.0)
+    if reduction == "all_pixels":
+        return total / ce.size
+    raise ValueError(f"reduction={reduction!r} is not one of {', '.join(CE_REDUCTIONS)}")
+
+
+def weighted_pixel_ce(
+    logits: jax.Array,
+    labels: jax.Array,
+    class_weight: jax.Array,
+    reduction: str = "weighted_mean",
+) -> jax.Array:
+    """Class-weighted pixel CE: logits (B, H, W, C) at label resolution, labels (B, H, W) int,
+    class_weight (C,) → scalar float32.
+
+    Each valid pixel (label in [0, C); ignore_index is outside) contributes w[label]·CE, and
+    the default reduction divides by Σ w[label] over the valid pixels, which is exactly
+    `torch.nn.functional.cross_entropy(logits, labels, weight=w, ignore_index=...)`.
+    `reduction='all_pixels'` divides by B·H·W instead (mmseg 0.x with `class_weight`).
+    """
+    x = logits.astype(jnp.float32)
+    weight = jnp.asarray(class_weight, jnp.float32)
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"class_weight has shape {weight.shape}, logits have {x.shape[-1]} classes"
+        )
+    valid = _valid(labels, x.shape[-1])
+    pixel_weight = jnp.where(valid, weight[jnp.where(valid, labels, 0).astype(jnp.int32)], 0.0)
+    return _reduce_weighted(pixel_ce_map(x, labels), pixel_weight, reduction)
+
+
+def slot_class_weights(topk: jax.Array, class_weight: jax.Array) -> jax.Array:
+    """The weight of each rank slot's class: topk (B, k) int ids → (B, k) float32; an empty
+    slot (id < 0) weighs 0."""
+    weight = jnp.asarray(class_weight, jnp.float32)
+    picked = weight[jnp.maximum(topk, 0).astype(jnp.int32)]
+    return jnp.where(topk >= 0, picked, 0.0)
+
+
+def weighted_slot_ce(
+    slot_logits: jax.Array,
+    labels: jax.Array,
+    topk: jax.Array,
+    class_weight: jax.Array,
+    ignore_index: int = 255,
+    reduction: str = "weighted_mean",
+) -> jax.Array:
+    """RankSeg's rank-slot relabelled CE with class weights: the weight follows the class.
+
+    slot_logits (B, H, W, k) at label resolution, labels (B, H, W) class ids, topk (B, k) the
+    class id in each slot, class_weight (n_cls,). Pixels are relabelled to their class's slot
+    (`relabel_to_slots`; classes the image head missed are ignored) and slot j of image b
+    weighs class_weight[topk[b, j]]. For one image this is `F.cross_entropy(slot_logits,
+    slot_labels, weight=class_weight[topk[0]], ignore_index=...)`; a batch sums w·CE and w
+    over all its images before dividing (one weighted mean over the batch's pixels).
+    """
+    x = slot_logits.astype(jnp.float32)
+    slots = relabel_to_slots(labels, topk, ignore_index)
+    weights = slot_class_weights(topk, class_weight)  # (B, k)
+    valid = _valid(slots, x.shape[-1])
+    index = jnp.where(valid, slots, 0).astype(jnp.int32)
+    pixel_weight = jnp.take_along_axis(weights, index.reshape(index.shape[0], -1), axis=1)
+    pixel_weight = jnp.where(valid, pixel_weight.reshape(index.shape), 0.0)
+    return _reduce_weighted(pixel_ce_map(x, slots), pixel_weight, reduction)
+
+
+def dice_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    ignore_index: int = 255,
+    smooth: float = 1.0,
+    exponent: float = 2.0,
+    class_weight: jax.Array | None = None,
+    loss_weight: float = 1.0,
+) -> jax.Array:
+    """mmseg 0.x `DiceLoss` (the RankSeg fork's): logits (B, H, W, C), labels (B, H, W) → scalar.
+
+    As mmseg computes it, quirks included: p = softmax over C; the one-hot target of
+    clamp(label, 0, C − 1) (so an ignored pixel is a one-hot of the LAST class); per image and
+    class
+
+        dice = 1 − (2·Σ p·t·valid + smooth) / (Σ (p^e + t^e) + smooth)
+
+    where only the numerator is masked by valid = (label != ignore_index); the loss is
+    loss_weight · Σ_c w_c · mean_b(dice) / C (a class whose index equals ignore_index is
+    skipped in the sum but still counted in C).
+    """
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    n_cls = p.shape[-1]
+    target = jax.nn.one_hot(jnp.clip(labels, 0, n_cls - 1), n_cls, dtype=jnp.float32)
+    valid = (labels != ignore_index).astype(jnp.float32)[..., None]
+    axes = (1, 2)
+    num = 2.0 * jnp.sum(p * target * valid, axis=axes) + smooth  # (B, C)
+    den = jnp.sum(p**exponent + target**exponent, axis=axes) + smooth
+    per_class = jnp.mean(1.0 - num / den, axis=0)  # (C,)
+    if class_weight is not None:
+        per_class = per_class * jnp.asarray(class_weight, jnp.float32)
+    if 0 <= ignore_index < n_cls:
+        per_class = per_class.at[ignore_index].set(0.0)
+    return loss_weight * jnp.sum(per_class) / n_cls
+
+
+def weighted_seg_loss(
+    outputs: Mapping[str, Any],
+    labels: jax.Array,
+    class_weight: jax.Array,
+    ignore_index: int = 255,
+    reduction: str = "weighted_mean",
+) -> tuple[jax.Array, jax.Array]:
+    """The class-weighted `decode.loss_seg` of any head: (batch scalar, per-image (B,)).
+
+    outputs as `loss_terms` takes them: masks (B, h, w, k) are upsampled to the label size;
+    without `topk` (baseline) the CE is on the class channels (`weighted_pixel_ce`), with it
+    (RankSeg, GT oracle) on the relabelled slots with each slot's class weight
+    (`weighted_slot_ce`). Per-image values are each image's own weighted mean, as if alone
+    in the batch (the reference's one-image-per-GPU logs); the scalar is the batch's.
+    """
+    masks, topk = outputs["masks"], outputs.get("topk")
+    labels = labels.astype(jnp.int32)
+    logits = upsample_logits(masks, labels.shape[1:])
+    if topk is None:
+        one = lambda x, y: weighted_pixel_ce(x[None], y[None], class_weight, reduction)
+        batch = weighted_pixel_ce(logits, labels, class_weight, reduction)
+        per_image = jax.vmap(one)(logits, labels)
+    else:
+        one = lambda x, y, t: weighted_slot_ce(
+            x[None], y[None], t[None], class_weight, ignore_index, reduction
+        )
+        batch = weighted_slot_ce(logits, labels, topk, class_weight, ignore_index, reduction)
+        per_image = jax.vmap(one)(logits, labels, topk)
+    return batch, per_image

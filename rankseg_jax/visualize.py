@@ -24,6 +24,7 @@ from matplotlib.patches import Patch
 
 from rankseg_jax.data import readers
 from rankseg_jax.errors import InputError
+from rankseg_jax.metrics import most_confused
 
 # Pixels with an id outside the palette (ignore values) are drawn in this colour.
 UNKNOWN_COLOR = (0, 0, 0)
@@ -325,3 +326,160 @@ def contact_sheet(
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(name if len(name) <= 28 else name[:27] + "~", fontsize=8)
     return fig
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation figures: the confusion matrix and per-class IoU (issue 16). Each has a Figure
+# builder and an `*_image` twin returning (H, W, 3) uint8 for TensorBoard / PNG files.
+
+NAMED_MATRIX_MAX = 30  # up to this many classes the matrix names every row and column
+CONFUSED_PAIRS = 20
+
+
+def figure_to_array(fig: Any, dpi: int = FIGURE_DPI) -> np.ndarray:
+    """Render a matplotlib Figure with Agg to an (H, W, 3) uint8 RGB array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def row_normalise(confusion: np.ndarray) -> np.ndarray:
+    """(C, C) counts → float64 rows summing to 1 (rows without pixels stay 0)."""
+    confusion = np.asarray(confusion, np.float64)
+    rows = confusion.sum(axis=1, keepdims=True)
+    return np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+
+
+def _short(name: str, limit: int = 18) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "~"
+
+
+def confusion_figure(
+    confusion: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    top_pairs: int = CONFUSED_PAIRS,
+    title: str = "",
+):
+    """A Figure: the row-normalised confusion matrix | its most confused class pairs.
+
+    confusion (C, C) counts, rows = ground truth, columns = prediction. Up to
+    NAMED_MATRIX_MAX classes the matrix names every row and column (and prints the shares up
+    to 12 classes); beyond, it shows the structure with id ticks, and the class names are
+    read from the right panel: the `top_pairs` largest off-diagonal shares as bars labelled
+    "true → predicted", in a font that stays readable for 150 classes.
+    """
+    from matplotlib.figure import Figure
+
+    confusion = np.asarray(confusion)
+    n = confusion.shape[0]
+    if confusion.shape != (n, n) or len(class_names) != n:
+        raise InputError(
+            f"confusion matrix {confusion.shape} and {len(class_names)} class names do not match"
+        )
+    norm = row_normalise(confusion)
+    pairs = most_confused(confusion, top=top_pairs)
+    named = n <= NAMED_MATRIX_MAX
+    side = 4.5 if n <= 12 else (6.5 if named else 7.5)
+    bar_h = max(side, 0.28 * len(pairs) + 1.2)
+    fig = Figure(figsize=(side + 6.0, max(side, bar_h)), layout="constrained")
+    ax, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [side, 5.0]})
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.7, label="share of the true class's pixels")
+    if named:
+        size = 8 if n <= 15 else 6
+        labels = [_short(c) for c in class_names]
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=size)
+        ax.set_yticks(range(n), labels, fontsize=size)
+        if n <= 12:
+            for i in range(n):
+                for j in range(n):
+                    if norm[i, j] >= 0.005:
+                        color = "white" if norm[i, j] > 0.6 else "black"
+                        ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center",
+                                fontsize=7, color=color)  # fmt: skip
+    else:
+        step = max(1, int(np.ceil(n / 15 / 5)) * 5)
+        ticks = list(range(0, n, step))
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.set_xlabel("predicted class" + ("" if named else " (id)"), fontsize=9)
+    ax.set_ylabel("true class" + ("" if named else " (id)"), fontsize=9)
+    ax.set_title(f"confusion matrix, {n} classes (row-normalised)", fontsize=10)
+    if pairs:
+        slots = max(len(pairs), 10)  # few pairs: thin bars at the top, not one wide block
+        ypos = np.arange(len(pairs))[::-1] + (slots - len(pairs))
+        bars.set_ylim(-0.7, slots - 0.3)
+        values = [100 * v for _, _, v in pairs]
+        bars.barh(ypos, values, color=(0.85, 0.35, 0.25), edgecolor="black", linewidth=0.5)
+        texts = [f"{_short(class_names[t], 22)} → {_short(class_names[p], 22)}"
+                 for t, p, _ in pairs]  # fmt: skip
+        bars.set_yticks(ypos, texts, fontsize=8)
+        for y, v in zip(ypos, values, strict=True):
+            bars.text(v, y, f" {v:.1f}%", va="center", fontsize=7)
+        bars.set_xlim(0, max(values) * 1.25)
+    else:
+        bars.text(0.5, 0.5, "no confusion", ha="center", va="center", transform=bars.transAxes)
+        bars.set_yticks([])
+    bars.set_xlabel("% of the true class's pixels predicted as the other", fontsize=8)
+    bars.tick_params(axis="x", labelsize=7)
+    bars.set_title(f"most confused pairs (true → predicted), top {len(pairs)}", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def confusion_image(confusion: np.ndarray, class_names: Sequence[str], **kwargs: Any):
+    """`confusion_figure` rendered to (H, W, 3) uint8."""
+    return figure_to_array(confusion_figure(confusion, class_names, **kwargs))
+
+
+def iou_bar_figure(
+    iou: Sequence[float],
+    class_names: Sequence[str],
+    palette: np.ndarray | None = None,
+    *,
+    sort: bool = True,
+    title: str = "",
+):
+    """A Figure of per-class IoU (fractions; NaN = class absent from prediction and labels) as
+    horizontal bars in % (best on top when `sort`), in palette colours, with the mIoU line.
+    The figure grows with the class count so every name stays readable (150 classes ≈ 1900
+    px tall at FIGURE_DPI)."""
+    from matplotlib.figure import Figure
+
+    iou = np.asarray(iou, np.float64)
+    n = len(iou)
+    if len(class_names) != n:
+        raise InputError(f"{n} IoU values and {len(class_names)} class names do not match")
+    palette = readers.generic_palette(n) if palette is None else np.asarray(palette, np.uint8)
+    order = np.arange(n)
+    if sort:
+        order = np.array(sorted(range(n), key=lambda c: (np.isnan(iou[c]), -np.nan_to_num(iou[c]))))
+    fig = Figure(figsize=(7.0, max(3.0, 0.125 * n + 1.2)), layout="constrained")
+    ax = fig.subplots()
+    ypos = np.arange(n)[::-1]
+    values = 100 * np.nan_to_num(iou[order])
+    colors = [_rgb01(palette[c]) for c in order]
+    ax.barh(ypos, values, color=colors, edgecolor="black", linewidth=0.4, height=0.8)
+    size = 8 if n <= 40 else 6
+    ax.set_yticks(ypos, [_short(class_names[c], 24) for c in order], fontsize=size)
+    for y, c in zip(ypos, order, strict=True):
+        text = "n/a" if np.isnan(iou[c]) else f"{100 * iou[c]:.1f}"
+        ax.text(100 * np.nan_to_num(iou[c]), y, f" {text}", va="center", fontsize=size - 1)
+    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+    if np.isfinite(miou):
+        ax.axvline(100 * miou, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xlim(0, 110)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlabel(f"IoU (%), mIoU {100 * miou:.2f} (dashed)", fontsize=9)
+    ax.set_title(title or f"per-class IoU, {n} classes", fontsize=10)
+    return fig
+
+
+def iou_bar_image(iou: Sequence[float], class_names: Sequence[str], palette=None, **kwargs):
+    """`iou_bar_figure` rendered to (H, W, 3) uint8."""
+    return figure_to_array(iou_bar_figure(iou, class_names, palette, **kwargs))

@@ -140,3 +140,108 @@ def test_table_and_json(tmp_path):
 def test_bad_counts_shape_is_clear():
     with pytest.raises(InputError, match=r"shape \(3, 4\)"):
         metrics.MeanIoU(4).update(np.zeros((3, 5)))
+
+
+# ------------------------------------------------------------------------------------------
+# mDice / mFscore / precision / recall and the confusion matrix (issue 16)
+
+
+def _nan_list(values):
+    return np.array([math.nan if v is None else v for v in values], np.float64)
+
+
+@pytest.mark.parametrize("beta", [1, 2])
+def test_dice_fscore_match_official(official, beta):
+    """Every per-class value of the fork's eval_metrics, NaN classes included (7: never
+    labelled, 9: never predicted), accumulated on device per image."""
+    preds = np.load(official / "miou_pred.npy")
+    labels = np.load(official / "miou_label.npy")
+    ref = json.loads((official / "metrics_dice_fscore.json").read_text())[f"beta{beta}"]
+    counts = sum(metrics.counts_numpy(p, t, 12) for p, t in zip(preds, labels, strict=True))
+    np.testing.assert_array_equal(
+        metrics.scores_from_counts(counts)["IoU"], accumulate(preds, labels, 12)["IoU"]
+    )
+    got = metrics.extended_scores_from_counts(counts, beta=beta)
+    for key in ("IoU", "Acc", "Dice", "Fscore", "Precision", "Recall"):
+        want = _nan_list(ref[key])
+        have = np.array(got[key])
+        np.testing.assert_array_equal(np.isnan(have), np.isnan(want), err_msg=key)
+        np.testing.assert_allclose(have, want, rtol=0, atol=1e-12, err_msg=key)
+    assert got["aAcc"] == pytest.approx(ref["aAcc"][0], abs=1e-12)
+    for key in ("Dice", "Fscore", "Precision", "Recall"):
+        assert got[f"m{key}"] == pytest.approx(np.nanmean(_nan_list(ref[key])), abs=1e-12)
+    # The NaN cases the fixture was built for.
+    assert math.isnan(got["Recall"][7]) and math.isnan(got["Fscore"][7]) and got["Dice"][7] == 0
+    assert math.isnan(got["Precision"][9]) and got["Recall"][9] == 0
+
+
+def test_fscore_beta_changes_only_fscore(official):
+    preds = np.load(official / "miou_pred.npy")
+    labels = np.load(official / "miou_label.npy")
+    counts = sum(metrics.counts_numpy(p, t, 12) for p, t in zip(preds, labels, strict=True))
+    one = metrics.extended_scores_from_counts(counts, beta=1)
+    two = metrics.extended_scores_from_counts(counts, beta=2)
+    for key in ("IoU", "Dice", "Precision", "Recall"):
+        np.testing.assert_array_equal(one[key], two[key])  # NaNs compare equal here
+    # beta = 1 is the Dice coefficient wherever both are defined.
+    both = ~np.isnan(np.array(one["Fscore"]))
+    np.testing.assert_allclose(np.array(one["Fscore"])[both], np.array(one["Dice"])[both], 1e-12)
+    assert not np.allclose(np.array(two["Fscore"])[both], np.array(one["Fscore"])[both])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_confusion_matrix_sums_equal_iou_counts(seed):
+    rng = np.random.default_rng(seed)
+    n_cls = 9
+    preds = rng.integers(0, n_cls - 1, (3, 17, 23))  # the last class is never predicted
+    labels = rng.integers(0, n_cls, (3, 17, 23))
+    labels[labels == 4] = 255
+    labels[0, :3] = 255
+    valid = np.ones(labels.shape, bool)
+    valid[2, :, 20:] = False  # padding
+    confusion = metrics.ConfusionMatrix(n_cls)
+    meter = metrics.MeanIoU(n_cls)
+    for b in range(3):
+        args = (preds[b : b + 1], labels[b : b + 1], valid[b : b + 1])
+        confusion.update(metrics.batch_confusion(*args, n_cls=n_cls))
+        meter.update(metrics.batch_counts(*args, n_cls=n_cls))
+    assert confusion.matrix.dtype == np.int64
+    np.testing.assert_array_equal(confusion.counts(), meter.counts)
+    inter, pred, gt = meter.counts
+    union = pred + gt - inter
+    m = confusion.matrix
+    np.testing.assert_array_equal(m.sum(0) + m.sum(1) - np.diag(m), union)
+    host = sum(
+        metrics.confusion_numpy(np.where(valid[b], preds[b], 0), np.where(valid[b], labels[b], 255),
+                                n_cls)
+        for b in range(3)
+    )  # fmt: skip
+    np.testing.assert_array_equal(host, m)
+    # Rows are the ground truth: a pixel labelled 0 and predicted 3 lands in m[0, 3].
+    one = metrics.confusion_numpy(np.array([[3]]), np.array([[0]]), n_cls)
+    assert one[0, 3] == 1 and one.sum() == 1
+
+
+def test_confusion_save_and_most_confused(tmp_path):
+    confusion = metrics.ConfusionMatrix(3, ["a", "b", "c"])
+    confusion.update(np.array([[8, 2, 0], [5, 5, 0], [0, 1, 0]]))
+    path = confusion.save(tmp_path / "eval" / "confusion.npy")
+    loaded = np.load(path)
+    assert loaded.dtype == np.int64 and (loaded == confusion.matrix).all()
+    pairs = metrics.most_confused(confusion.matrix, top=2)
+    assert pairs == [(2, 1, 1.0), (1, 0, 0.5)]
+    assert metrics.most_confused(confusion.matrix, top=1, normalise=False) == [(1, 0, 5.0)]
+    with pytest.raises(InputError, match=r"\(3, 3\)"):
+        confusion.update(np.zeros((2, 2)))
+
+
+def test_extended_table_names_every_metric():
+    counts = np.array([[5, 0], [10, 0], [6, 4]])
+    res = metrics.extended_scores_from_counts(counts, beta=2)
+    res["class_names"] = ["road", "sky"]
+    table = metrics.format_extended_table(res)
+    assert "road" in table and "sky" in table and "mFscore" in table and "beta=2" in table
+    per_class = metrics.per_class_table(res)
+    assert per_class["road"]["Precision"] == pytest.approx(0.5)
+    assert per_class["road"]["Recall"] == pytest.approx(5 / 6)
+    assert math.isnan(per_class["sky"]["Precision"]) and per_class["sky"]["Recall"] == 0.0

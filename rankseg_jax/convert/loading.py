@@ -22,6 +22,7 @@ from rankseg_jax.convert.safetensors_io import load_safetensors
 from rankseg_jax.convert.segmenter_layout import state_dict_from_checkpoint
 from rankseg_jax.convert.torch_pickle import load_pth
 from rankseg_jax.errors import CheckpointError
+from rankseg_jax.weights import local_path
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -105,9 +106,10 @@ def load_params(path, model, config: ml_collections.ConfigDict, base_params=None
     """Params for `model` from a weights file; every mismatch is reported in one message.
 
     For an AugReg `.npz` only the backbone is read (its position embedding resized to the
-    model's grid with torch bicubic) and the head is taken from `base_params`.
+    model's grid with torch bicubic) and the head is taken from `base_params`. `path` may also
+    be a registry name or an http(s) URL (rankseg_jax.weights), fetched into the cache first.
     """
-    path = pathlib.Path(path)
+    path = local_path(path)
     if path.is_dir():
         return _orbax_params(path, model, config)
     grid = tuple(s // config.model.patch_size for s in config.model.img_size)
