@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rankseg_jax.data import ade20k, class_stats, folder, imageio
+from rankseg_jax.data import class_stats, folder, imageio, readers
 
 
 def _make(root, labels):
@@ -95,7 +95,7 @@ def test_changed_label_or_classes_recompute(labelled):
 
 
 def test_builtin_reader_and_unwritable_cache(synthetic_ade, tmp_path):
-    source = ade20k.SyntheticADE20K(synthetic_ade, "validation")
+    source = readers.SyntheticADE20K(synthetic_ade, "validation")
     cache = tmp_path / "cache"
     got = class_stats.inverse_frequency_weights(source, cache_dir=cache, progress=False)
     labels = [source[i]["label"] for i in range(len(source))]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rankseg_jax.data import base, folder, sources
+from rankseg_jax.data import base, folder, readers
 
 NAMES = ("road", "sky", "tree", "car", "person", "building", "water")
 PALETTE = np.array(
@@ -109,8 +109,8 @@ def test_classes_txt_config_classes_and_registration(tmp_path, monkeypatch):
     assert given.class_names == tuple(renamed) and given.has_palette
     np.testing.assert_array_equal(given[0]["label"], truth["val"]["val_000"])
     # Registering the reader is one line; make_source passes the config's options through.
-    monkeypatch.setitem(sources.READERS, "folder", folder.FolderSource)
-    made = sources.make_source("folder", tmp_path, "train", classes=renamed, palette=PALETTE)
+    monkeypatch.setitem(readers.READERS, "folder", folder.FolderSource)
+    made = readers.make_source("folder", tmp_path, "train", classes=renamed, palette=PALETTE)
     assert isinstance(made, folder.FolderSource) and len(made) == 4
 
 

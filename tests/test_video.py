@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from rankseg_jax import video, visualize
+from rankseg_jax import video
+from rankseg_jax.data import readers
 
 N_CLS = 6
 NAMES = [f"class{i}" for i in range(N_CLS)]
@@ -56,7 +57,7 @@ def clip40(tmp_path_factory):
 
 def test_forty_frames_in_forty_out(clip40, tmp_path):
     model = TinyModel()
-    palette = visualize.generic_palette(N_CLS)
+    palette = readers.generic_palette(N_CLS)
     report = video.predict_video(clip40, model, tmp_path, NAMES, palette, batch_size=8,
                                  topk=3, progress=False)  # fmt: skip
     assert report.frames == 40 and model.calls == [8] * 5
@@ -94,7 +95,7 @@ def test_forty_frames_in_forty_out(clip40, tmp_path):
 def _peak_bytes(path, out, batch_size: int) -> int:
     tracemalloc.start()
     try:
-        video.predict_video(path, TinyModel(), out, NAMES, visualize.generic_palette(N_CLS),
+        video.predict_video(path, TinyModel(), out, NAMES, readers.generic_palette(N_CLS),
                             batch_size=batch_size, progress=False)  # fmt: skip
         return tracemalloc.get_traced_memory()[1]
     finally:
@@ -121,7 +122,7 @@ def test_corrupt_and_missing_video_are_one_line(tmp_path):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     with pytest.raises(video.VideoError) as err:
-        video.predict_video(bad, TinyModel(), tmp_path, NAMES, visualize.generic_palette(N_CLS),
+        video.predict_video(bad, TinyModel(), tmp_path, NAMES, readers.generic_palette(N_CLS),
                             progress=False)  # fmt: skip
     assert "\n" not in str(err.value) and str(bad) in str(err.value)
     with pytest.raises(video.VideoError, match="not found"):

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from rankseg_jax.data import imageio
-from rankseg_jax.data.base import SegmentationSource
+from rankseg_jax.data.base import SegmentationSource, generic_palette
 from rankseg_jax.errors import DatasetError, DatasetNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -212,8 +212,6 @@ class FolderSource(SegmentationSource):
             )
         self.has_palette = chosen is not None
         if chosen is None:
-            from rankseg_jax.visualize import generic_palette  # visualize imports the readers
-
             chosen = generic_palette(self.n_cls)
         self.palette = np.asarray(chosen, np.uint8)
         ignore = ignore_color if ignore_color is not None else file_ignore

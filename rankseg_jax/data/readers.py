@@ -31,10 +31,9 @@ import importlib.resources
 import os
 from typing import Any
 
-import cv2
 import numpy as np
 
-from rankseg_jax.data.base import SegmentationSource
+from rankseg_jax.data.base import SegmentationSource, generic_palette
 from rankseg_jax.errors import ConfigError, DatasetError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -56,15 +55,6 @@ def class_table(name: str) -> tuple[tuple[str, ...], np.ndarray | None]:
     palette = np.array([[int(v) for v in row[0].split()] for row in rows], np.uint8)
     palette.setflags(write=False)
     return names, palette
-
-
-def generic_palette(n_cls: int, seed: int = 0) -> np.ndarray:
-    """A deterministic (n_cls, 3) uint8 palette of well-separated colours (golden-angle hues)."""
-    hues = (np.arange(n_cls) * 137.508 + seed) % 360
-    sat = 0.55 + 0.4 * ((np.arange(n_cls) * 7) % 5) / 4
-    val = 0.65 + 0.35 * ((np.arange(n_cls) * 3) % 4) / 3
-    hsv = np.stack([hues / 2, sat * 255, val * 255], axis=-1).astype(np.uint8)[None]
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
 
 
 def class_names_and_palette(dataset: str, n_cls: int) -> tuple[tuple[str, ...], np.ndarray]:
