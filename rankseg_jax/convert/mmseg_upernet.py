@@ -14,8 +14,8 @@ so one generic rule maps every tensor; what differs is the leaf:
 | any other parameter (`cls_emb`, `q_bias`, `gamma_1`, bias tables, …) | same name | copy |
 
 Buffers that the Flax modules compute instead of storing (`relative_position_index`) are
-checked against the computed index by the tests; `num_batches_tracked` is dropped (BN momentum
-is fixed, so it is unused).
+checked against the computed index by the tests; `num_batches_tracked` goes to the BatchNorm's
+`batch_stats` (models/conv.py), cast to its int32.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flax import traverse_util
 
 from rankseg_jax.convert.mmseg import CheckpointMismatchError
 
-DERIVED_BUFFERS = ("relative_position_index", "num_batches_tracked")
+DERIVED_BUFFERS = ("relative_position_index",)
 
 
 def module_path(key: str) -> tuple[tuple[str, ...], str]:
@@ -47,8 +47,11 @@ def module_path(key: str) -> tuple[tuple[str, ...], str]:
     return tuple(names), parts[-1]
 
 
-def _convert(value: np.ndarray, target_shape: tuple, leaf: str, key: str) -> np.ndarray:
-    value = np.asarray(value, np.float32)
+def _convert(value: np.ndarray, target: Any, leaf: str, key: str) -> np.ndarray:
+    target_shape = target.shape
+    value = np.asarray(value, target.dtype)
+    if target_shape == () and value.size == 1:
+        value = value.reshape(())  # 0-d buffers (num_batches_tracked) may come as (1,)
     if leaf == "kernel" and value.ndim == 2:
         value = value.T
     elif leaf == "kernel" and value.ndim == 4:
@@ -80,6 +83,8 @@ def state_dict_to_variables(
             continue
         if leaf in ("running_mean", "running_var"):
             candidates = [("batch_stats", *path, leaf.removeprefix("running_"))]
+        elif leaf == "num_batches_tracked":
+            candidates = [("batch_stats", *path, leaf)]
         elif leaf == "weight":
             candidates = [("params", *path, n) for n in ("kernel", "scale", "weight")]
         else:
@@ -88,7 +93,7 @@ def state_dict_to_variables(
         if hit is None:
             unexpected.append(key)
             continue
-        filled[hit] = _convert(value, flat_target[hit].shape, hit[-1], key)
+        filled[hit] = _convert(value, flat_target[hit], hit[-1], key)
     missing = ["/".join(k) for k in flat_target if k not in filled]
     if missing or unexpected:
         raise CheckpointMismatchError(
