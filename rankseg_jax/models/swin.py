@@ -243,7 +243,9 @@ class SwinTransformer(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, deterministic: bool = True) -> list[jax.Array]:
+    def __call__(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
+        """`train` turns drop-path on (rng 'dropout')."""
+        deterministic = not train
         v = self.variant
         p = v.patch_size
         _, h, w, _ = images.shape
