@@ -20,6 +20,7 @@ checked against the computed index by the tests; `num_batches_tracked` goes to t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,3 +102,38 @@ def state_dict_to_variables(
             f"unexpected {unexpected[:8]} ({len(unexpected)})"
         )
     return traverse_util.unflatten_dict(filled)
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """Inverse of `module_path` for a flattened variables path ('params', …, leaf) → torch key.
+
+    Module names ending in `_<digits>` groups are list entries ('layers_0_0' → 'layers.0.0');
+    the leaf keeps its name apart from the renames of the table above.
+    """
+    collection, *modules, leaf = path
+    parts = []
+    for name in modules:
+        match = re.fullmatch(r"(.*?)((?:_\d+)+)", name)
+        parts.append(match[1] + match[2].replace("_", ".") if match else name)
+    if collection == "batch_stats":
+        leaf = leaf if leaf == "num_batches_tracked" else f"running_{leaf}"
+    elif leaf in ("kernel", "scale"):
+        leaf = "weight"
+    return ".".join([*parts, leaf])
+
+
+def variables_to_state_dict(variables: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flax variables (or a gradient tree under 'params') → torch-layout arrays by torch key.
+
+    Inverse of `state_dict_to_variables` (kernels back to (out, in) / OIHW); derived buffers
+    (`relative_position_index`) are not produced.
+    """
+    out = {}
+    for path, value in traverse_util.flatten_dict(dict(variables)).items():
+        value = np.asarray(value)
+        if path[-1] == "kernel" and value.ndim == 2:
+            value = value.T
+        elif path[-1] == "kernel" and value.ndim == 4:
+            value = value.transpose(3, 2, 0, 1)
+        out[prefix + torch_key(path)] = value
+    return out

@@ -153,6 +153,8 @@ def upernet_swin(
     channels: int = 512,
     aux_channels: int = 256,
     drop_path_rate: float = 0.3,
+    dropout: float = 0.1,
+    img_dropout: float = 0.1,
     k: int = 50,
     img_heads: int = 8,
     img_d_ff: int = 2048,
@@ -170,14 +172,18 @@ def upernet_swin(
         hidden=channels,
         n_heads=img_heads,
         d_ff=img_d_ff,
-        dropout=0.1,
+        dropout=img_dropout,
         downsample=None,
         share_embedding=True,
     )
     return UperNet(
         backbone=SwinTransformer(SWIN_VARIANTS[variant], drop_path_rate, dtype, remat),
-        decode_head=UPerHead(n_cls, channels, rankseg=_rankseg(head, k, img_head), **kw),
-        auxiliary_head=FCNHead(n_cls, aux_channels, in_index=2, **kw) if auxiliary else None,
+        decode_head=UPerHead(
+            n_cls, channels, dropout=dropout, rankseg=_rankseg(head, k, img_head), **kw
+        ),
+        auxiliary_head=(
+            FCNHead(n_cls, aux_channels, dropout=dropout, in_index=2, **kw) if auxiliary else None
+        ),
         n_cls=n_cls,
     )
 
@@ -190,6 +196,8 @@ def upernet_beit(
     channels: int = 1024,
     aux_channels: int = 256,
     drop_path_rate: float = 0.2,
+    dropout: float = 0.1,
+    img_dropout: float = 0.1,
     k: int = 50,
     img_heads: int = 16,
     img_d_ff: int = 4096,
@@ -206,23 +214,31 @@ def upernet_beit(
         hidden=channels,
         n_heads=img_heads,
         d_ff=img_d_ff,
-        dropout=0.1,
+        dropout=img_dropout,
         downsample=None,
         share_embedding=False,
     )
     backbone = BEiT(BEIT_VARIANTS[variant], drop_path_rate, dtype, remat, bn_axis_name)
     return UperNet(
         backbone=backbone,
-        decode_head=UPerHead(n_cls, channels, rankseg=_rankseg(head, k, img_head), **kw),
-        auxiliary_head=FCNHead(n_cls, aux_channels, in_index=2, **kw) if auxiliary else None,
+        decode_head=UPerHead(
+            n_cls, channels, dropout=dropout, rankseg=_rankseg(head, k, img_head), **kw
+        ),
+        auxiliary_head=(
+            FCNHead(n_cls, aux_channels, dropout=dropout, in_index=2, **kw) if auxiliary else None
+        ),
         n_cls=n_cls,
     )
 
 
-def small_upernet(backbone: str, head: str = "rankseg", n_cls: int = 150) -> UperNet:
+def small_upernet(
+    backbone: str, head: str = "rankseg", n_cls: int = 150, **overrides: Any
+) -> UperNet:
     """The family fixtures' small models (official_family README): channels 16, aux 8,
-    image head hidden 16, 2 heads, d_ff 32; Swin embed 16 window 7, BEiT embed 32 depth 4."""
-    small = dict(channels=16, aux_channels=8, img_heads=2, img_d_ff=32)
+    image head hidden 16, 2 heads, d_ff 32; Swin embed 16 window 7, BEiT embed 32 depth 4.
+    `overrides`: builder arguments (e.g. dropout=0 as the fixtures' train forward)."""
+    small: dict[str, Any] = dict(channels=16, aux_channels=8, img_heads=2, img_d_ff=32)
+    small.update(overrides)
     if backbone == "swin":
         return upernet_swin(n_cls, head, variant="swin_test", **small)
     if backbone == "beit":
