@@ -21,6 +21,7 @@ converter in `rankseg_jax/convert/mmseg_conv.py` maps every tensor by one rename
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -64,6 +65,66 @@ def conv2d(
         feature_group_count=groups,
         precision=_precision(dtype),
     )
+
+
+def _sum(x: jax.Array, axis_name: str | None) -> jax.Array:
+    """Per-channel sum over every axis but the last, across `axis_name` devices if given."""
+    total = jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+    return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+def _count(x: jax.Array, axis_name: str | None) -> int:
+    n = x.size // x.shape[-1]
+    return n if axis_name is None else n * jax.lax.psum(1, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_train(x, scale, bias, eps, axis_name):
+    return _bn_train_fwd(x, scale, bias, eps, axis_name)[0]
+
+
+def _bn_train_fwd(x, scale, bias, eps, axis_name):
+    n = _count(x, axis_name)
+    mean = _sum(x, axis_name) / n
+    var = _sum(jnp.square(x - mean), axis_name) / n  # two-pass, biased
+    invstd = 1.0 / jnp.sqrt(var + eps)
+    alpha = scale * invstd
+    y = x * alpha + (bias - mean * alpha)
+    return (y, mean, var), (x, scale, mean, invstd)
+
+
+def _bn_train_bwd(eps, axis_name, res, cotangents):
+    """torch's CPU batch-norm backward, term for term (batch_norm_kernel.cpp)."""
+    del eps
+    x, scale, mean, invstd = res
+    dy = cotangents[0]  # mean / var only feed the running stats (stop_gradient there)
+    n = _count(x, axis_name)
+    centred = x - mean
+    grad_sum = _sum(dy, axis_name)
+    dot_p = _sum(centred * dy, axis_name)
+    k = dot_p * invstd * invstd / n
+    grad_mean = grad_sum / n
+    dx = (dy - grad_mean - centred * k) * invstd * scale
+    return dx, dot_p * invstd, grad_sum
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, axis_name: str | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Train-mode BN of x (…, C) float32 with torch's formulas, forward and backward.
+
+    Forward as torch's CPU kernel: μ = Σx/N, σ² = Σ(x − μ)²/N (two-pass, biased),
+    invstd = 1/√(σ² + eps), y = x·α + (β − μ·α) with α = γ·invstd. Backward (custom VJP) as
+    torch's: dx = (dy − Σdy/N − (x − μ)·Σ((x − μ)·dy)·invstd²/N)·invstd·γ, dγ = Σ((x − μ)·dy)
+    ·invstd, dβ = Σdy. With only two values per channel (ASPP's image-pool BN at batch 2) the
+    backward cancels catastrophically in float32; using torch's order keeps the rounding
+    like the reference's. Returns (y, μ, σ², N) with μ, σ² for the running statistics.
+    """
+    y, mean, var = _bn_train(x, scale, bias, eps, axis_name)
+    return y, mean, var, _count(x, axis_name)
 
 
 class Conv2d(nn.Module):
@@ -124,27 +185,16 @@ class BatchNorm(nn.Module):
         )
         x32 = x.astype(jnp.float32)
         if use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            if self.axis_name is not None:
-                mean = jax.lax.pmean(mean, self.axis_name)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # two-pass, biased
-            if self.axis_name is not None:
-                var = jax.lax.pmean(var, self.axis_name)
-            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
-                n = x32.size // c
-                if self.axis_name is not None:
-                    n = n * jax.lax.psum(1, self.axis_name)
-                unbiased = var * (n / max(n - 1, 1))
-                m = self.momentum
-                ra_mean.value = (1.0 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
-                ra_var.value = (1.0 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
-                tracked.value = tracked.value + 1
-        alpha = scale * jax.lax.rsqrt(var + self.epsilon)
-        beta = bias - mean * alpha
-        return (x32 * alpha + beta).astype(self.dtype)
+            alpha = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+            return (x32 * alpha + (bias - ra_mean.value * alpha)).astype(self.dtype)
+        y, mean, var, n = batch_norm_train(x32, scale, bias, self.epsilon, self.axis_name)
+        if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+            m = self.momentum
+            unbiased = var * (n / max(n - 1, 1))
+            ra_mean.value = (1.0 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
+            ra_var.value = (1.0 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+            tracked.value = tracked.value + 1
+        return y.astype(self.dtype)
 
 
 class ConvModule(nn.Module):
