@@ -28,7 +28,8 @@ from rankseg_jax.convert.mmseg import CheckpointMismatchError
 
 StateDict = collections.OrderedDict
 
-_INDEXED = re.compile(r"^(.*)_(\d+)$")
+# One or more trailing indices: `layer1_0` ↔ `layer1.0`, `psp_modules_0_1` ↔ `psp_modules.0.1`.
+_INDEXED = re.compile(r"^(.*?)((?:_\d+)+)$")
 _STATS = {
     "mean": "running_mean",
     "var": "running_var",
@@ -48,7 +49,7 @@ _RANK = {name: i for i, name in enumerate(_ORDER)}
 
 def _module_name(component: str) -> str:
     m = _INDEXED.match(component)
-    return f"{m.group(1)}.{m.group(2)}" if m else component
+    return m.group(1) + m.group(2).replace("_", ".") if m else component
 
 
 def torch_key(collection: str, path: tuple[str, ...], ndim: int) -> tuple[str, str]:

@@ -1,21 +1,12 @@
-"""mmseg state dict → Flax variables for the UperNet family (Swin, BEiT, UPerHead, FCN aux).
+"""mmseg state dict ⇄ Flax variables for UperNet on Swin / BEiT (issue #18).
 
-The Flax modules of these models are named after the mmseg modules, with list indices joined
-to the preceding name (`stages.0.blocks.1.ffn.layers.0.0` → `stages_0/blocks_1/ffn/layers_0_0`),
-so one generic rule maps every tensor; what differs is the leaf:
-
-| torch leaf | Flax leaf | conversion |
-|---|---|---|
-| `weight` of a Linear | `params/…/kernel` (in, out) | transpose |
-| `weight` of a Conv2d | `params/…/kernel` (kh, kw, in, out) | OIHW → HWIO |
-| `weight` of a LayerNorm / BatchNorm | `params/…/scale` | copy |
-| `weight` of a ConvTranspose2d | `params/…/weight`, kept in torch layout (in, out, kh, kw) | copy |
-| `running_mean` / `running_var` | `batch_stats/…/mean` / `var` | copy |
-| any other parameter (`cls_emb`, `q_bias`, `gamma_1`, bias tables, …) | same name | copy |
-
-Buffers that the Flax modules compute instead of storing (`relative_position_index`) are
-checked against the computed index by the tests; `num_batches_tracked` goes to the BatchNorm's
-`batch_stats` (models/conv.py), cast to its int32.
+The Flax modules are named after the mmseg modules (`stages.0.blocks.1.ffn.layers.0.0` ↔
+`stages_0/blocks_1/ffn/layers_0_0`, `fpn1.0` ↔ `fpn1_0`), so the generic mapping of
+convert/mmseg_conv.py applies unchanged; BEiT's transposed convs keep torch's weight layout
+under the leaf `weight` (copied as is). What this module adds: the relative position index
+buffers, which the Flax modules compute instead of storing. Loading checks every one of them
+against the computed index (a checkpoint built for another window / grid fails with its key);
+exporting writes them back so that the official code loads the file strictly.
 """
 
 from __future__ import annotations
@@ -25,115 +16,59 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flax import traverse_util
 
+from rankseg_jax.convert import mmseg_conv
 from rankseg_jax.convert.mmseg import CheckpointMismatchError
+from rankseg_jax.models import beit, swin
 
-DERIVED_BUFFERS = ("relative_position_index",)
-
-
-def module_path(key: str) -> tuple[tuple[str, ...], str]:
-    """Module path and leaf of a torch key, list indices joined to the preceding name.
-
-    'stages.0.blocks.1.ffn.layers.0.0.weight' → (('stages_0', 'blocks_1', 'ffn', 'layers_0_0'),
-    'weight').
-    """
-    parts = key.split(".")
-    names: list[str] = []
-    for part in parts[:-1]:
-        if part.isdigit() and names:
-            names[-1] = f"{names[-1]}_{part}"
-        else:
-            names.append(part)
-    return tuple(names), parts[-1]
+_SWIN_INDEX = re.compile(r"(.*\.stages\.\d+\.blocks\.\d+\.attn\.w_msa)\.relative_position_index$")
+_BEIT_INDEX = re.compile(r"(.*\.blocks\.\d+\.attn)\.relative_position_index$")
 
 
-def _convert(value: np.ndarray, target: Any, leaf: str, key: str) -> np.ndarray:
-    target_shape = target.shape
-    value = np.asarray(value, target.dtype)
-    if target_shape == () and value.size == 1:
-        value = value.reshape(())  # 0-d buffers (num_batches_tracked) may come as (1,)
-    if leaf == "kernel" and value.ndim == 2:
-        value = value.T
-    elif leaf == "kernel" and value.ndim == 4:
-        value = value.transpose(2, 3, 1, 0)
-    if value.shape != tuple(target_shape):
-        raise CheckpointMismatchError(
-            f"{key}: shape {tuple(value.shape)} does not fit the model's {tuple(target_shape)}"
-        )
-    return value
+def _expected_index(key: str, state_dict: Mapping[str, Any]) -> np.ndarray | None:
+    """The index the Flax module computes for `key`'s attention, from its bias table's size."""
+    for pattern, kind in ((_SWIN_INDEX, "swin"), (_BEIT_INDEX, "beit")):
+        m = pattern.fullmatch(key) or pattern.fullmatch("." + key)
+        if not m:
+            continue
+        table = state_dict.get(f"{m[1]}.relative_position_bias_table".lstrip("."))
+        if table is None:
+            return None
+        n_rel = np.shape(table)[0]
+        if kind == "swin":
+            window = (int(round(np.sqrt(n_rel))) + 1) // 2
+            return swin.relative_position_index(window)
+        side = (int(round(np.sqrt(n_rel - 3))) + 1) // 2
+        return beit.relative_position_index((side, side))
+    return None
 
 
 def state_dict_to_variables(
-    state_dict: Mapping[str, Any], target: Mapping[str, Any], prefix: str = ""
+    state_dict: Mapping[str, Any], expected: Mapping[str, Any], source: str = "state dict"
 ) -> dict[str, Any]:
-    """Strictly load `state_dict` (keys under `prefix`, e.g. 'backbone.') into `target`'s layout.
+    """Strict load (mmseg_conv rules) after checking and dropping the relative position indices.
 
-    `target` is the model's variables (or their `jax.eval_shape` shapes): {'params': …,
-    optionally 'batch_stats': …}. Every target leaf must be filled and every tensor used
-    (derived buffers aside); otherwise CheckpointMismatchError lists the differences.
+    expected: the model's variables or their `jax.eval_shape` shapes.
     """
-    flat_target = traverse_util.flatten_dict(dict(target))
-    filled: dict[tuple, np.ndarray] = {}
-    unexpected: list[str] = []
+    rest = {}
     for key, value in state_dict.items():
-        if not key.startswith(prefix):
+        if not key.endswith("relative_position_index"):
+            rest[key] = value
             continue
-        path, leaf = module_path(key[len(prefix) :])
-        if leaf in DERIVED_BUFFERS:
-            continue
-        if leaf in ("running_mean", "running_var"):
-            candidates = [("batch_stats", *path, leaf.removeprefix("running_"))]
-        elif leaf == "num_batches_tracked":
-            candidates = [("batch_stats", *path, leaf)]
-        elif leaf == "weight":
-            candidates = [("params", *path, n) for n in ("kernel", "scale", "weight")]
-        else:
-            candidates = [("params", *path, leaf)]
-        hit = next((c for c in candidates if c in flat_target), None)
-        if hit is None:
-            unexpected.append(key)
-            continue
-        filled[hit] = _convert(value, flat_target[hit], hit[-1], key)
-    missing = ["/".join(k) for k in flat_target if k not in filled]
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"state dict does not fit the model: missing {missing[:8]} ({len(missing)}), "
-            f"unexpected {unexpected[:8]} ({len(unexpected)})"
-        )
-    return traverse_util.unflatten_dict(filled)
+        want = _expected_index(key, state_dict)
+        if want is None or np.shape(value) != want.shape or not np.array_equal(value, want):
+            raise CheckpointMismatchError(
+                f"{source}: {key} is not the index this model computes for its window / grid"
+            )
+    return mmseg_conv.state_dict_to_variables(rest, expected, source)
 
 
-def torch_key(path: tuple[str, ...]) -> str:
-    """Inverse of `module_path` for a flattened variables path ('params', …, leaf) → torch key.
-
-    Module names ending in `_<digits>` groups are list entries ('layers_0_0' → 'layers.0.0');
-    the leaf keeps its name apart from the renames of the table above.
-    """
-    collection, *modules, leaf = path
-    parts = []
-    for name in modules:
-        match = re.fullmatch(r"(.*?)((?:_\d+)+)", name)
-        parts.append(match[1] + match[2].replace("_", ".") if match else name)
-    if collection == "batch_stats":
-        leaf = leaf if leaf == "num_batches_tracked" else f"running_{leaf}"
-    elif leaf in ("kernel", "scale"):
-        leaf = "weight"
-    return ".".join([*parts, leaf])
-
-
-def variables_to_state_dict(variables: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flax variables (or a gradient tree under 'params') → torch-layout arrays by torch key.
-
-    Inverse of `state_dict_to_variables` (kernels back to (out, in) / OIHW); derived buffers
-    (`relative_position_index`) are not produced.
-    """
-    out = {}
-    for path, value in traverse_util.flatten_dict(dict(variables)).items():
-        value = np.asarray(value)
-        if path[-1] == "kernel" and value.ndim == 2:
-            value = value.T
-        elif path[-1] == "kernel" and value.ndim == 4:
-            value = value.transpose(3, 2, 0, 1)
-        out[prefix + torch_key(path)] = value
+def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax variables → mmseg state dict (torch layouts) with the relative position indices."""
+    out = dict(mmseg_conv.variables_to_state_dict(variables))
+    for key in [k for k in out if k.endswith(".relative_position_bias_table")]:
+        index_key = key.removesuffix("relative_position_bias_table") + "relative_position_index"
+        index = _expected_index(index_key, out)
+        if index is not None:
+            out[index_key] = index.astype(np.int64)
     return out

@@ -1,0 +1,105 @@
+"""mmseg SwinTransformer (models/swin.py) against the official family fixtures (issue #18).
+
+The fixtures' small Swin (embed 16, depths 2-2-2-2, window 7) pads at every stage on 48² and
+48×80 inputs (12×12 → 14×14 windows, 6 → 7, 3 → 7, 2 → 7) and merges odd sides, so the
+window padding, the shift mask on the padded map and the padded patch merging are all exercised.
+Tolerance: 1e-5 of each output's scale (float32; the measured misses are ≤ 1e-6 of it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rankseg_jax.convert.mmseg import CheckpointMismatchError
+from rankseg_jax.convert.mmseg_upernet import state_dict_to_variables, variables_to_state_dict
+from rankseg_jax.convert.torch_pickle import load_pth, state_dict_from_checkpoint
+from rankseg_jax.models.swin import (
+    SWIN_VARIANTS,
+    SwinTransformer,
+    relative_position_index,
+    shift_attention_mask,
+)
+from rankseg_jax.models.uper import upernet_swin
+
+RTOL = 1e-5
+
+
+def _backbone_state(path) -> dict:
+    sd = state_dict_from_checkpoint(load_pth(path))
+    return {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+
+
+@pytest.fixture(scope="module")
+def swin_state(official_family):
+    return _backbone_state(official_family / "swin_upernet_baseline.pth")
+
+
+def _close(ours, ref, what: str) -> None:
+    ours = np.asarray(ours)
+    assert ours.shape == ref.shape, what
+    err, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
+    assert err <= RTOL * scale, f"{what}: max |Δ| {err:.3g} > {RTOL} × {scale:.3g}"
+
+
+@pytest.mark.parametrize("inputs", ["x48", "x48x80"])
+def test_backbone_outputs_match_official(official_family, swin_state, inputs):
+    """Strict load, then the four per-stage normed outputs (NCHW in the fixture)."""
+    model = SwinTransformer(SWIN_VARIANTS["swin_test"])
+    x = np.load(official_family / f"fam_{inputs}.npy").transpose(0, 2, 3, 1)
+    variables = state_dict_to_variables(
+        swin_state, jax.eval_shape(model.init, jax.random.key(0), x)
+    )
+    outs = jax.jit(model.apply)(variables, x)
+    ref = np.load(official_family / f"swin_upernet_baseline_fwd_{inputs}.npz")
+    for i, out in enumerate(outs):
+        _close(out, ref[f"backbone_out_{i}"].transpose(0, 2, 3, 1), f"{inputs} stage {i}")
+
+
+def test_relative_position_index_and_roundtrip(swin_state):
+    """The computed index equals every stored buffer; export restores the state dict exactly."""
+    for key, value in swin_state.items():
+        if key.endswith("relative_position_index"):
+            np.testing.assert_array_equal(value, relative_position_index(7), err_msg=key)
+    model = SwinTransformer(SWIN_VARIANTS["swin_test"])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 3)))
+    back = variables_to_state_dict(state_dict_to_variables(swin_state, shapes))
+    assert set(back) == set(swin_state)
+    for key, value in swin_state.items():
+        np.testing.assert_array_equal(back[key], np.asarray(value), err_msg=key)
+
+
+def test_wrong_window_is_refused(swin_state):
+    """A checkpoint whose index is not this model's (tampered here) fails naming the key."""
+    bad = dict(swin_state)
+    key = "stages.0.blocks.0.attn.w_msa.relative_position_index"
+    bad[key] = np.asarray(bad[key])[::-1].copy()
+    model = SwinTransformer(SWIN_VARIANTS["swin_test"])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 3)))
+    with pytest.raises(CheckpointMismatchError, match=key):
+        state_dict_to_variables(bad, shapes)
+
+
+def test_shift_mask_separates_regions():
+    """On a 14² padded map, window 7, shift 3: the top-left window is one region (all 0); the
+    bottom-right window holds 4 regions, so a token attends only its own region's tokens."""
+    mask = shift_attention_mask(14, 14, 7, 3)
+    assert mask.shape == (4, 49, 49)
+    assert (mask[0] == 0).all()
+    last = mask[3]
+    assert last[0, 0] == 0 and last[0, 48] == -100.0 and last[0, 6] == -100.0
+    assert np.array_equal(last, last.T)
+
+
+@pytest.mark.parametrize("head,count", [("base", 121_415_076), ("rankseg", 125_172_382)])
+def test_full_size_parameter_count(head, count):
+    """UperNet Swin-B (window 12) at 512², ADE20K: the official counts (official_family README),
+    from shapes only (jax.eval_shape allocates nothing)."""
+    model = upernet_swin(150, head)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 512, 512, 3)))
+    params = shapes["params"]
+    assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == count
+    backbone = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["backbone"]))
+    assert backbone == 86_880_376
