@@ -66,7 +66,8 @@ def state_dict_to_variables(
 def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax variables → mmseg state dict (torch layouts) with the relative position indices."""
     out = dict(mmseg_conv.variables_to_state_dict(variables))
-    for key in [k for k in out if k.endswith(".relative_position_bias_table")]:
+    tables = [k for k in out if k.endswith(".relative_position_bias_table")]
+    for key in [k for k in tables if np.ndim(out[k]) == 2]:  # not for trees of per-leaf scalars
         index_key = key.removesuffix("relative_position_bias_table") + "relative_position_index"
         index = _expected_index(index_key, out)
         if index is not None:
