@@ -16,7 +16,7 @@ from rankseg_jax.convert.torch_pickle import load_pth, state_dict_from_checkpoin
 from rankseg_jax.layer_decay import adamw_layer_decay, layer_decay_tree
 from rankseg_jax.models.beit import BEIT_VARIANTS, BEiT, relative_position_index
 from rankseg_jax.models.segmenter import scatter_to_classes
-from rankseg_jax.models.uper import small_upernet, upernet_beit
+from rankseg_jax.models.uper import inference_logits, small_upernet, upernet_beit
 
 RTOL = 1e-5
 
@@ -72,8 +72,7 @@ def test_upernet_eval_matches_official(official_family, states, x48, head):
     model = small_upernet("beit", "rankseg" if head == "rankseg" else "base")
     shapes = jax.eval_shape(model.init, jax.random.key(0), x48)
     variables = state_dict_to_variables(states[head], shapes)
-    out = jax.jit(model.apply)(variables, x48)
-    full = jax.jit(lambda v, x: model.apply(v, x, method=model.encode_decode))(variables, x48)
+    out, full = jax.jit(lambda v, x: _with_logits(model, model.apply(v, x), x))(variables, x48)
     ref = np.load(official_family / f"beit_upernet_{head}_fwd_x48.npz")
     for i in range(4):
         _close(out["features"][i], ref[f"backbone_out_{i}"].transpose(0, 2, 3, 1), f"bb {i}")
@@ -96,6 +95,10 @@ def test_full_size_parameter_count(head, count):
     params = shapes["params"]
     assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == count
     assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["backbone"])) == 318_108_160
+
+
+def _with_logits(model, out, x):
+    return out, inference_logits(out, x.shape[1:3], model.n_cls)
 
 
 def _official_group(name: str, shape: tuple, depth: int, rate: float, wd: float):

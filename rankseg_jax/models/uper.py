@@ -132,11 +132,16 @@ class UperNet(nn.Module):
 
     def encode_decode(self, images: jax.Array) -> jax.Array:
         """Inference logits (B, H, W, n_cls) float32 at the input size (−100 off the top-k)."""
-        out = self(images, False)
-        logits = out["masks"].astype(jnp.float32)
-        if out["topk"] is not None:
-            logits = scatter_to_classes(logits, out["topk"], self.n_cls)
-        return resize_bilinear(logits, images.shape[1:3])
+        return inference_logits(self(images, False), images.shape[1:3], self.n_cls)
+
+
+def inference_logits(out: dict, size: tuple[int, int], n_cls: int) -> jax.Array:
+    """Eval outputs → (B, H, W, n_cls) float32 logits at `size`: RankSeg slots scattered into
+    the −100 canvas, then torch bilinear (align_corners=False)."""
+    logits = out["masks"].astype(jnp.float32)
+    if out["topk"] is not None:
+        logits = scatter_to_classes(logits, out["topk"], n_cls)
+    return resize_bilinear(logits, size)
 
 
 def _rankseg(head: str, k: int, img_head: dict) -> dict | None:
