@@ -11,6 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rankseg_jax.convert.beit_pretrained import (
+    beit_backbone_state,
+    geometric_ratio,
+    interpolate_rel_pos_table,
+)
 from rankseg_jax.convert.mmseg_upernet import state_dict_to_variables, variables_to_state_dict
 from rankseg_jax.convert.torch_pickle import load_pth, state_dict_from_checkpoint
 from rankseg_jax.layer_decay import adamw_layer_decay, layer_decay_tree
@@ -171,3 +176,48 @@ def test_layer_decay_groups_and_step_match_official(states, x48, torch):
         delta = tensors[k].detach().numpy() - np.asarray(sd_params[k], np.float64)
         err = np.abs(np.asarray(ours[k], np.float64) - delta).max()
         assert err <= 1e-5 * np.abs(delta).max(), f"{k}: update off by {err:.3g}"
+
+
+def test_rel_pos_table_interpolation_reproduces_cubics():
+    """The bicubic interpolating spline through the geometric offsets reproduces any bicubic
+    polynomial of the offsets exactly, so a table holding one must come back as that polynomial
+    at the new integer offsets; the 3 cls rows are kept; an equal size is the identity."""
+    src, dst = 27, 79  # BEiT-L pretraining 224/16 = 14 → 2·14−1; 640/16 = 40 → 2·40−1
+    half = src // 2
+    q = geometric_ratio(half, dst // 2)
+    dis = np.cumsum([1.0] + [q ** (i + 1) for i in range(half - 1)])
+    coords = np.concatenate([-dis[::-1], [0.0], dis])
+
+    def poly(a, b):
+        return 0.3 * a - 0.2 * b + 0.01 * a * b + 1e-3 * a**3 - 2e-4 * b**2 * a
+
+    grid = poly(coords[:, None], coords[None, :])
+    table = np.concatenate([np.stack([grid.ravel(), -grid.ravel()], 1), np.ones((3, 2))])
+    out = interpolate_rel_pos_table(table.astype(np.float32), dst)
+    assert out.shape == (dst * dst + 3, 2)
+    t = np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
+    want = poly(t[:, None], t[None, :]).ravel()
+    scale = np.abs(want).max()
+    assert np.abs(out[:-3, 0] - want).max() <= 1e-5 * scale
+    assert np.abs(out[:-3, 1] + want).max() <= 1e-5 * scale
+    np.testing.assert_array_equal(out[-3:], 1.0)
+    np.testing.assert_array_equal(interpolate_rel_pos_table(out, dst), out)
+
+
+def test_pretrained_state_shares_table_and_drops_classifier():
+    table = np.zeros((27 * 27 + 3, 2), np.float32)
+    ckpt = {
+        "cls_token": np.zeros((1, 1, 4)),
+        "rel_pos_bias.relative_position_bias_table": table,
+        "blocks.0.attn.q_bias": np.zeros(4),
+        "head.weight": np.zeros((10, 4)),
+        "norm.weight": np.zeros(4),
+    }
+    out = beit_backbone_state(ckpt, depth=2, grid=(40, 40))
+    assert set(out) == {
+        "backbone.cls_token",
+        "backbone.blocks.0.attn.q_bias",
+        "backbone.blocks.0.attn.relative_position_bias_table",
+        "backbone.blocks.1.attn.relative_position_bias_table",
+    }
+    assert out["backbone.blocks.1.attn.relative_position_bias_table"].shape == (79 * 79 + 3, 2)
