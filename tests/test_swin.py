@@ -15,9 +15,11 @@ import pytest
 
 from rankseg_jax.convert.mmseg import CheckpointMismatchError
 from rankseg_jax.convert.mmseg_upernet import state_dict_to_variables, variables_to_state_dict
+from rankseg_jax.convert.swin_pretrained import swin_backbone_state
 from rankseg_jax.convert.torch_pickle import load_pth, state_dict_from_checkpoint
 from rankseg_jax.models.swin import (
     SWIN_VARIANTS,
+    PatchMerging,
     SwinTransformer,
     relative_position_index,
     shift_attention_mask,
@@ -104,3 +106,51 @@ def test_full_size_parameter_count(head, count):
     assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == count
     backbone = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["backbone"]))
     assert backbone == 86_880_376
+
+
+def test_original_swin_checkpoint_converts_to_mmseg_semantics():
+    """Original Swin names → mmseg names, and the reordered merge weights compute what the
+    original PatchMerging computes: cat[x(0,0), x(1,0), x(0,1), x(1,1)] → LN → Linear."""
+    rng = np.random.default_rng(0)
+    c, out_c = 3, 5
+    w = rng.standard_normal((out_c, 4 * c)).astype(np.float32)
+    gamma = rng.standard_normal(4 * c).astype(np.float32)
+    beta = rng.standard_normal(4 * c).astype(np.float32)
+    ckpt = {
+        "patch_embed.proj.weight": np.zeros((8, 3, 4, 4)),
+        "layers.0.blocks.1.attn.qkv.weight": np.zeros((24, 8)),
+        "layers.0.blocks.1.attn_mask": np.zeros((4, 49, 49)),
+        "layers.0.blocks.1.mlp.fc1.weight": np.zeros((32, 8)),
+        "layers.0.blocks.1.mlp.fc2.bias": np.zeros(8),
+        "layers.0.downsample.reduction.weight": w,
+        "layers.0.downsample.norm.weight": gamma,
+        "layers.0.downsample.norm.bias": beta,
+        "norm.weight": np.zeros(8),
+        "head.weight": np.zeros((10, 8)),
+    }
+    sd = swin_backbone_state(ckpt)
+    assert set(sd) == {
+        "backbone.patch_embed.projection.weight",
+        "backbone.stages.0.blocks.1.attn.w_msa.qkv.weight",
+        "backbone.stages.0.blocks.1.ffn.layers.0.0.weight",
+        "backbone.stages.0.blocks.1.ffn.layers.1.bias",
+        "backbone.stages.0.downsample.reduction.weight",
+        "backbone.stages.0.downsample.norm.weight",
+        "backbone.stages.0.downsample.norm.bias",
+    }
+    x = rng.standard_normal((2, 4, 6, c)).astype(np.float32)
+    cat = np.concatenate(
+        [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1
+    )
+    mu, var = cat.mean(-1, keepdims=True), cat.var(-1, keepdims=True)
+    want = (((cat - mu) / np.sqrt(var + 1e-5)) * gamma + beta) @ w.T
+    prefix = "backbone.stages.0.downsample."
+    variables = {
+        "params": {
+            "norm": {"scale": sd[prefix + "norm.weight"], "bias": sd[prefix + "norm.bias"]},
+            "reduction": {"kernel": sd[prefix + "reduction.weight"].T},
+        }
+    }
+    got, hw = PatchMerging(out_c).apply(variables, x.reshape(2, 24, c), (4, 6))
+    assert hw == (2, 3)
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-5, atol=1e-5)
