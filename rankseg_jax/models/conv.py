@@ -78,26 +78,24 @@ def _count(x: jax.Array, axis_name: str | None) -> int:
     return n if axis_name is None else n * jax.lax.psum(1, axis_name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bn_train(x, scale, bias, eps, axis_name):
-    return _bn_train_fwd(x, scale, bias, eps, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _bn_normalise(x, scale, bias, mean, var, eps, axis_name):
+    """y = x·α + (β − μ·α), α = γ/√(σ² + eps): torch's CPU kernel's order."""
+    alpha = scale * (1.0 / jnp.sqrt(var + eps))
+    return x * alpha + (bias - mean * alpha)
 
 
-def _bn_train_fwd(x, scale, bias, eps, axis_name):
-    n = _count(x, axis_name)
-    mean = _sum(x, axis_name) / n
-    var = _sum(jnp.square(x - mean), axis_name) / n  # two-pass, biased
+def _bn_normalise_fwd(x, scale, bias, mean, var, eps, axis_name):
     invstd = 1.0 / jnp.sqrt(var + eps)
     alpha = scale * invstd
-    y = x * alpha + (bias - mean * alpha)
-    return (y, mean, var), (x, scale, mean, invstd)
+    return x * alpha + (bias - mean * alpha), (x, scale, mean, invstd)
 
 
-def _bn_train_bwd(eps, axis_name, res, cotangents):
-    """torch's CPU batch-norm backward, term for term (batch_norm_kernel.cpp)."""
+def _bn_normalise_bwd(eps, axis_name, res, dy):
+    """torch's CPU batch-norm backward, term for term (batch_norm_kernel.cpp). dx is the TOTAL
+    derivative (through μ and σ² too), so μ and σ² get zero cotangents here."""
     del eps
     x, scale, mean, invstd = res
-    dy = cotangents[0]  # mean / var only feed the running stats (stop_gradient there)
     n = _count(x, axis_name)
     centred = x - mean
     grad_sum = _sum(dy, axis_name)
@@ -105,10 +103,11 @@ def _bn_train_bwd(eps, axis_name, res, cotangents):
     k = dot_p * invstd * invstd / n
     grad_mean = grad_sum / n
     dx = (dy - grad_mean - centred * k) * invstd * scale
-    return dx, dot_p * invstd, grad_sum
+    zero = jnp.zeros_like(mean)
+    return dx, dot_p * invstd, grad_sum, zero, zero
 
 
-_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+_bn_normalise.defvjp(_bn_normalise_fwd, _bn_normalise_bwd)
 
 
 def batch_norm_train(
@@ -120,11 +119,14 @@ def batch_norm_train(
     invstd = 1/√(σ² + eps), y = x·α + (β − μ·α) with α = γ·invstd. Backward (custom VJP) as
     torch's: dx = (dy − Σdy/N − (x − μ)·Σ((x − μ)·dy)·invstd²/N)·invstd·γ, dγ = Σ((x − μ)·dy)
     ·invstd, dβ = Σdy. With only two values per channel (ASPP's image-pool BN at batch 2) the
-    backward cancels catastrophically in float32; using torch's order keeps the rounding
-    like the reference's. Returns (y, μ, σ², N) with μ, σ² for the running statistics.
+    backward cancels catastrophically in float32; torch's order keeps the rounding closer to
+    the reference's (tests/test_deeplab.py). Returns (y, μ, σ², N); μ and σ² are plain
+    (differentiable) functions of x, for the running statistics.
     """
-    y, mean, var = _bn_train(x, scale, bias, eps, axis_name)
-    return y, mean, var, _count(x, axis_name)
+    n = _count(x, axis_name)
+    mean = _sum(x, axis_name) / n
+    var = _sum(jnp.square(x - mean), axis_name) / n
+    return _bn_normalise(x, scale, bias, mean, var, eps, axis_name), mean, var, n
 
 
 class Conv2d(nn.Module):
@@ -191,8 +193,8 @@ class BatchNorm(nn.Module):
         if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
             m = self.momentum
             unbiased = var * (n / max(n - 1, 1))
-            ra_mean.value = (1.0 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
-            ra_var.value = (1.0 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+            ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+            ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
             tracked.value = tracked.value + 1
         return y.astype(self.dtype)
 
