@@ -159,8 +159,8 @@ def _as_float32(key: str, value: Any) -> np.ndarray:
     if not isinstance(value, np.ndarray):
         raise CheckpointError(f"state dict entry '{key}' is {type(value).__name__}, not a tensor")
     if np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16:
-        return np.ascontiguousarray(value, dtype=np.float32)
-    return np.ascontiguousarray(value)
+        return np.asarray(value, dtype=np.float32, order="C")  # asarray keeps 0-d tensors 0-d
+    return np.asarray(value, order="C")
 
 
 def _looks_like_state_dict(obj: Any) -> bool:
