@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 k=100 if arg.head == "rankseg" else 150,
                 drop_path_rate=0.0,
                 dropout=0.0,
+                pretrained="none",  # from scratch, on purpose: no download
             ),
             data=data,
             optimizer=dict(name="adamw", lr=2.5e-4, weight_decay=1e-4),

@@ -234,6 +234,7 @@ class _Pass:
 
     image: np.ndarray  # (H, W, 3) float32, already flipped when `flip`
     flip: bool
+    context: np.ndarray | None = None  # the label context this pass's windows get
     canvas: jax.Array | None = None
     cy: np.ndarray | None = None
     cx: np.ndarray | None = None
@@ -291,7 +292,9 @@ class Inferencer:
     a fixed-shape array (e.g. `gt_class_set`, (1, n_cls) int32). `encode_decode` is then
     called as (params, windows, context (N, ...)), each window with its own image's context
     (padding rows get zeros). The shape is the same for every image, so it adds no
-    compilation. A job takes its context from `context=` or else from its label.
+    compilation. A job takes its context from `context=` (every pass the same) or else from its
+    label, per pass, as the reference test pipeline feeds it: the label resized (nearest) to
+    that pass's image size and flipped with it (`pass_label`).
     """
 
     def __init__(
@@ -422,11 +425,17 @@ class Inferencer:
                     "this model reads the image's label at test time (GT-oracle head): give "
                     "the label map or its context"
                 )
-            context = self.label_context(label)
-        if context is not None:
+            for p in checked:
+                p.context = np.asarray(
+                    self.label_context(pass_label(label, p.image.shape[:2], p.flip))
+                )
+            context = checked[0].context
+        elif context is not None:
             if self.label_context is None:
                 raise InputError("context given, but the Inferencer has no label_context")
             context = np.asarray(context)
+            for p in checked:
+                p.context = context
         return _Job(checked, out_size, label, want_pred, want_probs, tag, context)
 
     def run(self, jobs: Iterable[_Job], lag: int = 2) -> Iterator[Prediction]:
@@ -511,10 +520,10 @@ class Inferencer:
             offsets[row] = (y1, x1)
         context = ()
         if self.label_context is not None:
-            first = items[0][0].context
+            first = items[0][1].context
             stacked = np.zeros((size, *first.shape), first.dtype)
-            for row, (job, _, _, _) in enumerate(items):
-                stacked[row] = job.context
+            for row, (_, p, _, _) in enumerate(items):
+                stacked[row] = p.context
             context = (stacked,)
         logits, selected, scores = self._forward(self.params, windows, *context)
         self.windows_run += len(items)
@@ -719,6 +728,23 @@ def image_passes(
                 view = normalize_image(view, mean, std)
             passes.append((np.ascontiguousarray(view, np.float32), flipped))
     return passes
+
+
+def pass_label(label: np.ndarray, size: Sequence[int], flip: bool = False) -> np.ndarray:
+    """The label (H0, W0) as the reference test pipeline hands it to the model for one pass.
+
+    mmseg's `_gt` test pipelines load the annotation and run it through the same
+    MultiScaleFlipAug as the image: `Resize` (keep-ratio `mmcv.imrescale`, nearest neighbour:
+    cv2 INTER_NEAREST to the size the image got) then `RandomFlip`. `size`: that pass's image
+    (h, w). Nearest downscaling can drop a small class, so the GT-oracle head's class set is
+    taken from this label, not from the original-size one. Returns (h, w) with the label's dtype.
+    """
+    label = np.asarray(label)
+    h, w = int(size[0]), int(size[1])
+    if label.shape[:2] != (h, w):
+        wide = label.astype(np.int32)  # cv2 resizes int32 (uint16 ADE-Full ids fit)
+        label = cv2.resize(wide, (w, h), interpolation=cv2.INTER_NEAREST).astype(label.dtype)
+    return np.ascontiguousarray(label[:, ::-1]) if flip else label
 
 
 def gt_class_set(label: np.ndarray, n_cls: int) -> np.ndarray:

@@ -88,8 +88,18 @@ def _write_json(path: pathlib.Path, value) -> None:
     os.replace(tmp, path)
 
 
-def record(config: ml_collections.ConfigDict, workdir: pathlib.Path, origin: str) -> None:
-    """Write config.json and append this start to provenance.json (process 0 only)."""
+def record(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    origin: str,
+    *,
+    sha256: str | None = None,
+) -> None:
+    """Write config.json and append this start to provenance.json (process 0 only).
+
+    `origin`: what the state came from ("random init (seed N)", "checkpoint step N", or the
+    weights file loaded); `sha256`: that file's digest, recorded as `weights_sha256`.
+    """
     if jax.process_index() != 0:
         return
     workdir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +115,7 @@ def record(config: ml_collections.ConfigDict, workdir: pathlib.Path, origin: str
             process_count=jax.process_count(),
             seed=config.seed,
             weights=origin,
+            weights_sha256=sha256,
             argv=sys.argv,
         )
     )

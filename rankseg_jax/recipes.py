@@ -20,6 +20,11 @@ __all__ = ["ConfigError", "data_overrides", "parse_arg", "segmenter_config", "wi
 
 HEADS = {"rankseg": "rankseg", "mask": "full", "gt": "gt"}  # recipe arg → model.classifier
 
+# The backbone every Segmenter row of the paper starts from (the official
+# `_base_/models/segmenter_vit-*.py` `pretrained=` files), by rankseg_jax.weights name.
+# `runlocal` smoke runs use "none" (random init: their tiny ViT has no published weights).
+AUGREG_PRETRAINED = {"B/16": "augreg_vit_b16_384", "L/16": "augreg_vit_l16_384"}
+
 # The RankSeg ADE/Pascal recipes multiply weight decay by 100 on the image-level block and ml_fc.
 RANKSEG_DECAY_MULT = (
     ("pos_embed", 0.0),
@@ -81,6 +86,7 @@ def segmenter_config(
         dec_layers=3 if kind == "rankseg" else 2,
         oce=oce,
         oce_start_layer=VIT_VARIANTS[variant][1] - 1 if oce else -1,
+        pretrained=AUGREG_PRETRAINED[variant],
     )
     decay = RANKSEG_DECAY_MULT if rankseg_decay_mult else schema()["optimizer"]["decay_mult"]
     overrides = dict(
@@ -104,7 +110,7 @@ def segmenter_config(
 
 
 def _apply_runlocal(overrides: dict) -> None:
-    """Shrink a config to a smoke run: tiny ViT, 64 px crops, a few steps on generated data."""
+    """Shrink a config to a smoke run: tiny ViT (random init), 64 px crops, a few steps."""
     model = overrides["model"]
     model.update(
         variant="custom",
@@ -114,6 +120,7 @@ def _apply_runlocal(overrides: dict) -> None:
         mlp_dim=256,
         dec_heads=2,
         img_size=(64, 64),
+        pretrained="none",
     )
     if model["oce"]:
         model["oce_start_layer"] = 1

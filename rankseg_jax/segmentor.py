@@ -123,7 +123,8 @@ class Segmentor:
         """The test-time inference of the config (slide windows, scales, flip).
 
         The GT-oracle head gets each image's class set in every window (`gt_class_set`), as
-        the reference passes the whole-image label to every window.
+        the reference passes the whole-image label to every window: per (scale, flip) pass,
+        the label resized (nearest) and flipped with the image (`inference.pass_label`).
         """
         settings, _ = inference.settings_from_config(self.config)
         n_cls = self.config.model.n_cls
@@ -144,7 +145,7 @@ class Segmentor:
         As the reference: keep-ratio resize to `data.test_scale` (and the `eval.scales` ratios,
         `eval.flip`), sliding windows of `eval.crop`/`eval.stride` with averaged logits, resize
         back to (H, W), softmax, argmax. The GT-oracle head needs `gt_label` (H, W) class ids
-        (its class set goes to every window).
+        (its class set after each pass's nearest resize goes to every window).
         """
         image = check_image(image)
         _, kw = inference.settings_from_config(self.config)
@@ -152,12 +153,12 @@ class Segmentor:
             image, mean=kw["mean"], std=kw["std"], test_scale=kw["test_scale"],
             ratios=kw["ratios"], flip=kw["flip"],
         )  # fmt: skip
-        context = None
+        label = None
         if self.config.model.classifier == "gt":
             if gt_label is None:
                 raise ValueError("the GT-oracle head needs the image's label map (gt_label)")
-            context = inference.gt_class_set(gt_label, self.config.model.n_cls)
-        return self.inferencer.predict_passes(passes, image.shape[:2], context=context).pred
+            label = np.asarray(gt_label)  # each pass's class set: this label resized with it
+        return self.inferencer.predict_passes(passes, image.shape[:2], label=label).pred
 
 
 def init_params(model: Segmenter, config: ml_collections.ConfigDict):

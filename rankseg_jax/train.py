@@ -25,12 +25,13 @@ import optax
 from absl import logging
 from clu import periodic_actions
 
-from rankseg_jax import checkpoint, evaluation, losses, optim, provenance
+from rankseg_jax import checkpoint, download, evaluation, losses, optim, provenance, weights
 from rankseg_jax import config as config_lib
 from rankseg_jax import sharding as shd
 from rankseg_jax.convert import loading
 from rankseg_jax.data.pipeline import PipelineConfig, TrainIterator
 from rankseg_jax.data.sources import source_from_config
+from rankseg_jax.download import DownloadError
 from rankseg_jax.errors import DatasetError
 from rankseg_jax.models.segmenter import create_model
 from rankseg_jax.segmentor import Segmentor
@@ -275,9 +276,62 @@ def _with_shardings(abstract, shardings):
     )
 
 
-def initial_state(config, workdir, model, tx, mesh, manager):
+NO_WEIGHTS = ("", "none")  # `model.pretrained` / `init_from` values meaning "random init"
+
+
+@dataclasses.dataclass(frozen=True)
+class InitWeights:
+    """The weights a fresh run starts from, resolved to a local file before anything compiles.
+
+    `key`: the config key that named them (`init_from` or `model.pretrained`); `spec`: its value
+    (registry name, URL or path); `path`: the local file (or orbax workdir); `sha256`: the
+    file's digest (None for a workdir).
+    """
+
+    key: str
+    spec: str
+    path: pathlib.Path
+    sha256: str | None
+
+    def describe(self) -> str:
+        """One line for the log and provenance.json: what was loaded, from where, its digest."""
+        kind = "init_from" if self.key == "init_from" else "model.pretrained (backbone)"
+        digest = f"sha256 {self.sha256}" if self.sha256 else "an orbax workdir"
+        return f"{kind} {self.spec} ({self.path}, {digest})"
+
+
+def resolve_init_weights(config: ml_collections.ConfigDict) -> InitWeights | None:
+    """`init_from`, else `model.pretrained` → a local file (downloaded into the cache if needed).
+
+    None when both are empty or "none" (random init). Called before the model is built, so a
+    paper row whose weights cannot be had stops at once with one line (a DownloadError, i.e. a
+    UserError) naming the file and how to get it, instead of silently training from scratch.
+    """
+    for key, value in (
+        ("init_from", config.init_from),
+        ("model.pretrained", config.model.pretrained),
+    ):
+        spec = str(value or "").strip()
+        if spec.lower() in NO_WEIGHTS:
+            continue
+        try:
+            path = weights.resolve(spec)
+        except DownloadError as err:
+            hint = (
+                ""
+                if key == "init_from"
+                else "; to train from random init instead, set --config.model.pretrained=none"
+            )
+            raise type(err)(f"{key}={spec}: {err}{hint}") from None
+        digest = None if path.is_dir() else download.sha256_of(path)
+        return InitWeights(key, spec, path, digest)
+    return None
+
+
+def initial_state(config, workdir, model, tx, mesh, manager, init: InitWeights | None = None):
     """(state, data_state, origin): the workdir's latest checkpoint wins over init_from and
-    model.pretrained; state leaves are created directly with their shardings."""
+    model.pretrained (`init`, resolved beforehand by `resolve_init_weights`); state leaves are
+    created directly with their shardings."""
 
     make, abstract = _abstract_state(model, tx, config, tuple(config.model.img_size))
     shardings = config_state_shardings(abstract, mesh, config)
@@ -291,16 +345,14 @@ def initial_state(config, workdir, model, tx, mesh, manager):
         )
         return with_train_items(target, params, train), data_state, f"checkpoint step {step}"
     state = jax.jit(make, out_shardings=shardings)()
-    weights = config.init_from or config.model.pretrained
-    if not weights:
+    if init is None:
         return state, None, f"random init (seed {config.seed})"
-    params = loading.load_params(weights, model, config, base_params=state.params)
+    params = loading.load_params(init.path, model, config, base_params=state.params)
     params = jax.device_put(params, shardings.params)
     state = jax.jit(functools.partial(new_state, tx=tx, seed=config.seed), out_shardings=shardings)(
         params
     )
-    kind = "init_from" if config.init_from else "model.pretrained (backbone)"
-    return state, None, f"{kind} {weights}"
+    return state, None, init.describe()
 
 
 def _hparams(config: ml_collections.ConfigDict) -> dict:
@@ -381,11 +433,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = pathlib.Path(workdir)
     provenance.check_resume(config, workdir)
     source = source_from_config(config, "train")
+    resuming = checkpoint.latest_step(workdir) is not None  # then no starting weights are read
+    init = None if resuming else resolve_init_weights(config)
     mesh = shd.mesh_from_config(config)
     model, tx = create_model(config.model), optim.make_optimizer(config)
     manager = checkpoint.make_manager(workdir, config)
-    state, data_state, origin = initial_state(config, workdir, model, tx, mesh, manager)
-    provenance.record(config, workdir, origin)
+    state, data_state, origin = initial_state(config, workdir, model, tx, mesh, manager, init)
+    logging.info("weights: %s", origin)
+    provenance.record(config, workdir, origin, sha256=init.sha256 if init else None)
     writer = evaluation.create_writer(workdir)
     start = int(jax.device_get(state.step))
     writer.write_texts(start, {"weights": origin})

@@ -124,3 +124,18 @@ def write_torch_zip(
         for key, raw in storages.items():
             zf.writestr(f"{prefix}/data/{key}", raw)
         zf.writestr(f"{prefix}/version", version)
+
+
+def write_state_dict_pth(path: str, state_dict: dict[str, np.ndarray], *, key: str = "state_dict"):
+    """A ``torch.save({key: OrderedDict(name -> tensor)})`` file of contiguous little-endian
+    arrays (mmseg's checkpoint layout when key="state_dict"), written without torch."""
+    specs, storages = collections.OrderedDict(), {}
+    for index, (name, value) in enumerate(state_dict.items()):
+        array = np.asarray(value, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        storage = str(index)
+        storages[storage] = array.tobytes()
+        stride = tuple(int(s) // array.itemsize for s in array.strides)
+        specs[name] = TensorSpec(storage, array.dtype.newbyteorder("="), array.size, 0,
+                                 tuple(array.shape), stride)  # fmt: skip
+    write_torch_zip(path, build_pickle({key: specs}), storages)

@@ -7,7 +7,7 @@ import pytest
 
 from configs import ade20k_full, ade20k_segmenter, coco_stuff10k, demo, pascal_context
 from rankseg_jax import config as common
-from rankseg_jax import recipes
+from rankseg_jax import inference, recipes
 from rankseg_jax.errors import ConfigError
 
 RANKSEG_MULT = dict(recipes.RANKSEG_DECAY_MULT)
@@ -34,7 +34,8 @@ REFERENCE = [
     (coco_stuff10k, "oce", "coco_stuff10k", 171, 512, 512, 40_000, "rankseg", 50, 3, "bce", 10.0, 0.0, False, IMAGENET, 1),
     (coco_stuff10k, "head=gt", "coco_stuff10k", 171, 512, 512, 40_000, "gt", 171, 2, None, None, 0.0, False, IMAGENET, 1),
     (pascal_context, "head=mask", "pascal_context", 60, 480, 512, 80_000, "mask", 60, 2, None, None, 0.0, False, HALF, 1),
-    (pascal_context, "", "pascal_context", 60, 480, 512, 80_000, "rankseg", 25, 3, "asl", 5.0, 1e-6, True, HALF, 1),
+    (pascal_context, "", "pascal_context", 60, 480, 512, 80_000, "rankseg", 25, 3, "asl", 5.0, 1e-6, True, HALF, 6),
+    (pascal_context, "ss", "pascal_context", 60, 480, 512, 80_000, "rankseg", 25, 3, "asl", 5.0, 1e-6, True, HALF, 1),
     (pascal_context, "msflip", "pascal_context", 60, 480, 512, 80_000, "rankseg", 25, 3, "asl", 5.0, 1e-6, True, HALF, 6),
     (pascal_context, "head=gt", "pascal_context", 60, 480, 512, 80_000, "gt", 60, 2, None, None, 0.0, False, HALF, 1),
 ]  # fmt: skip
@@ -72,6 +73,27 @@ def test_reference_values(row):
     assert c.data.img_scale == c.data.test_scale == scale
     assert c.data.ratio_range == (0.5, 2.0) and c.data.cat_max_ratio == 0.75
     assert c.data.ignore_index == 255
+
+
+def test_pascal_context_evaluates_as_each_official_row():
+    """RankSeg row: pascal_context_meanstd0.5_test.py's ms+flip (ratios 0.5-1.75 x flip) for
+    training-time and final eval alike; baseline/GT rows: single scale; `ss`/`msflip` switch."""
+    ms = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    for arg, scales, flip in [
+        ("", ms, True),
+        ("runlocal", ms, True),
+        ("ss", (1.0,), False),
+        ("head=mask", (1.0,), False),
+        ("head=gt", (1.0,), False),
+        ("head=mask,msflip", ms, True),
+    ]:
+        c = pascal_context.get_config(arg)
+        assert (tuple(c.eval.scales), bool(c.eval.flip)) == (scales, flip), arg
+        _, kwargs = inference.settings_from_config(c)  # what training-time and final eval read
+        assert (kwargs["ratios"], kwargs["flip"]) == (scales, flip), arg
+        assert kwargs["test_scale"] == tuple(c.data.test_scale)
+    with pytest.raises(ConfigError, match="not both"):
+        pascal_context.get_config("ss,msflip")
 
 
 def test_ade20k_full_is_ours_and_valid():

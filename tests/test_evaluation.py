@@ -15,6 +15,7 @@ import sys
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -243,6 +244,58 @@ def test_gt_head_slide_matches_torch_reference(torch):
         np.testing.assert_array_equal(np.flatnonzero(done[i].selected), present)
     with pytest.raises(InputError, match="GT-oracle"):
         inferencer.make_job([(cases[0][0], False)], (40, 56))
+
+
+def _nearest_reference(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """mmcv.imrescale(label, scale, 'nearest') from its spec: destination pixel (y, x) reads
+    source (floor(y * H0 / h), floor(x * W0 / w)) (cv2 INTER_NEAREST), written with numpy."""
+    h, w = size
+    rows = np.minimum(np.floor(np.arange(h) * label.shape[0] / h).astype(int), label.shape[0] - 1)
+    cols = np.minimum(np.floor(np.arange(w) * label.shape[1] / w).astype(int), label.shape[1] - 1)
+    return label[rows][:, cols]
+
+
+def test_gt_class_set_comes_from_the_label_after_the_test_resize_and_flip():
+    """As the official `_gt` test pipeline feeds the GT-oracle head: per (scale, flip) pass the
+    class set of the label resized (nearest) to that pass's image and flipped with it. A one-
+    pixel class at an odd (row, col) vanishes at ratio 0.5 and is present at ratio 1.0; the
+    averaged probabilities of a model that spreads each window uniformly over its context's
+    classes equal the mean over passes of the reference class sets."""
+    n_cls = 9
+    label = np.full((40, 60), 3, np.int32)
+    label[10:30, 20:50] = 7
+    label[1, 1] = 5  # one pixel: nearest downscaling by 2 reads only even rows/columns
+    label[39, 0] = 255  # ignored pixels are in no class set
+    image = np.random.default_rng(0).uniform(-1, 1, (40, 60, 3)).astype(np.float32)
+    ratios, test_scale = (0.5, 1.0), (60, 40)
+    passes = ev.image_passes(
+        image, mean=(0.0,) * 3, std=(1.0,) * 3, test_scale=test_scale, ratios=ratios, flip=True
+    )
+    assert [p[0].shape[:2] for p in passes] == [(20, 30)] * 2 + [(40, 60)] * 2
+
+    def spread_over_context(params, windows, context):
+        present = (context[:, 0, :] == jnp.arange(n_cls)).astype(jnp.float32)  # (N, C)
+        logits = jnp.where(present > 0, 0.0, -1e4)[:, None, None, :]
+        return jnp.broadcast_to(logits, (*windows.shape[:3], n_cls))
+
+    settings = ev.InferenceConfig(crop=(20, 20), stride=(20, 20), window_batch=4)
+    inferencer = ev.Inferencer(
+        spread_over_context, {}, n_cls, settings,
+        label_context=partial(ev.gt_class_set, n_cls=n_cls),
+    )  # fmt: skip
+    job = inferencer.make_job(passes, label.shape, label=label, want_probs=True)
+    want = np.zeros(n_cls)
+    for p, (img, flipped) in zip(job.passes, passes, strict=True):
+        seen = _nearest_reference(label, img.shape[:2])
+        seen = seen[:, ::-1] if flipped else seen
+        classes = np.unique(seen[seen < n_cls])
+        np.testing.assert_array_equal(p.context, ev.gt_class_set(seen, n_cls))
+        np.testing.assert_array_equal(np.flatnonzero(p.context[0] < n_cls), classes)
+        want[classes] += 1.0 / len(classes) / len(passes)
+    small, full = job.passes[0].context[0], job.passes[2].context[0]
+    assert small[5] == n_cls and full[5] == 5  # the tiny class: gone after the 0.5 resize
+    (done,) = list(inferencer.run([job]))
+    np.testing.assert_allclose(done.probs, np.broadcast_to(want, done.probs.shape), atol=1e-6)
 
 
 def test_large_output_is_resized_in_bounded_tiles(torch):

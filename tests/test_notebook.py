@@ -1,9 +1,11 @@
 """notebooks/colab_eval.ipynb runs top to bottom on CPU (tiny config, generated data, no install).
 
-The parameter cell is replaced (RUN_INSTALL=False, the runlocal ADE20K config, an exported
-.safetensors checkpoint of biased random weights, a missing DATA_ROOT so the generated dataset
-is used). The notebook's mIoU must equal the mIoU of its own predicted label PNGs against the
-generated labels, which ties the evaluation path and the predict path together.
+The parameter cell is replaced (RUN_INSTALL=False, the runlocal ADE20K config, a missing
+DATA_ROOT so the generated dataset is used). The checkpoint is loaded by name as a user does
+(CHECKPOINT = a registry name): an mmseg .pth of biased random weights, served under that name
+by a local HTTP server (RANKSEG_JAX_WEIGHTS_BASE_URL; no test touches the internet). The
+notebook's mIoU must equal the mIoU of its own predicted label PNGs against the generated
+labels, which ties the evaluation path and the predict path together.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import jax
 import numpy as np
 import pytest
 
+from rankseg_jax import weights
 from rankseg_jax.config import load_config
 from rankseg_jax.convert import loading, mmseg
-from rankseg_jax.convert.safetensors_io import save_safetensors
 from rankseg_jax.data import synthetic
 from rankseg_jax.data.readers import make_source
 from rankseg_jax.metrics import MeanIoU, counts_numpy
 from rankseg_jax.models.segmenter import create_model
+from rankseg_testing.file_server import FileServer
+from rankseg_testing.torch_files import write_state_dict_pth
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -31,6 +35,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "colab_eval.ipynb"
 CONFIG = "configs/ade20k_segmenter.py:runlocal"  # ViT width 64, depth 2; eval.max_images=4
 IMAGES = 4
+CHECKPOINT_NAME = "segmenter_vitb_ade20k_rankseg"  # the name the notebook's default uses
 
 
 def frequent_classes(count: int) -> list[int]:
@@ -44,7 +49,7 @@ def frequent_classes(count: int) -> list[int]:
 
 
 def biased_checkpoint(path: pathlib.Path) -> pathlib.Path:
-    """Random weights of the CONFIG model, saved as an exported .safetensors (no compilation),
+    """Random weights of the CONFIG model, saved as an mmseg .pth (no compilation, no torch),
     biased towards classes of the evaluated images so that the mIoU is not zero: their
     image-level scores rank them first (ml_fc bias) and the first slots get a mask bias."""
     config = load_config(CONFIG)
@@ -64,21 +69,26 @@ def biased_checkpoint(path: pathlib.Path) -> pathlib.Path:
     for rank, cls in enumerate(frequent_classes(3)):
         head["ml_fc"]["b"][0, cls] = 5.0 - rank
     head["mask_norm"]["bias"][:3] = (0.6, 0.4, 0.2)
-    save_safetensors(mmseg.params_to_state_dict(params), path)
+    write_state_dict_pth(str(path), mmseg.params_to_state_dict(params))
     return path
 
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("notebook")
-    checkpoint = biased_checkpoint(tmp / "tiny.safetensors")
+    checkpoint = biased_checkpoint(tmp / "tiny.pth")
+    served = "/" + weights.get(CHECKPOINT_NAME).filename
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    server = FileServer({served: checkpoint.read_bytes()}).start()
     cell.source = "\n".join([
+        "import os",
+        f"os.environ['RANKSEG_JAX_WEIGHTS_BASE_URL'] = {server.base_url!r}",
+        f"os.environ['RANKSEG_JAX_CACHE'] = {str(tmp / 'cache')!r}",
         "RUN_INSTALL = False",
         f"REPO_DIR = {str(REPO)!r}",
         f"CONFIG = {CONFIG!r}",
-        f"CHECKPOINT = {str(checkpoint)!r}",
+        f"CHECKPOINT = {CHECKPOINT_NAME!r}",
         f"DATA_ROOT = {str(tmp / 'no_ade20k_here')!r}",
         "MAX_IMAGES = 0",
         f"SYNTHETIC_IMAGES = {IMAGES}",
@@ -88,7 +98,11 @@ def executed(tmp_path_factory):
     client = nbclient.NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp)}}
     )
-    client.execute()
+    try:
+        client.execute()
+    finally:
+        server.stop()
+    assert server.gets[served] == 1  # fetched by name once, into the cache
     return nb, tmp / "out"
 
 
@@ -114,7 +128,9 @@ def test_notebook_miou_matches_its_predictions(executed):
     """The evaluation JSON equals the mIoU of the written label maps against the labels."""
     _, out = executed
     results = json.loads((out / "eval_results.json").read_text())
-    assert results["num_images"] == IMAGES and results["weights"].endswith("tiny.safetensors")
+    assert results["num_images"] == IMAGES and results["weights"].endswith(
+        weights.get(CHECKPOINT_NAME).filename
+    )
     source = make_source("synthetic_ade20k", out / "synthetic_ade", "validation")
     from PIL import Image
 

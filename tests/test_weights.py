@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import pathlib
 import re
@@ -14,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rankseg_jax import weights
+from rankseg_jax import checkpoint, train, weights
+from rankseg_jax import config as configuration
 from rankseg_jax.convert import loading
+from rankseg_jax.errors import UserError
 from rankseg_jax.models.segmenter import create_model
 from rankseg_testing.file_server import FileServer
 from rankseg_testing.official import small_config
@@ -169,3 +173,108 @@ def test_readme_reproduce_table_uses_registered_names_and_valid_configs():
     commands = section.split("```bash", 1)[1].split("```", 1)[0]
     for name in re.findall(r"(?:pretrained|init_from|fetch)[= ](\w+)", commands):
         weights.get(name)
+
+
+# ------------------------------------------------- paper rows start from their AugReg backbone
+
+
+def test_paper_rows_default_to_augreg_and_smoke_runs_to_none():
+    """Every paper row names its official AugReg file; runlocal and the demo start from scratch."""
+    for module in ("ade20k_segmenter", "coco_stuff10k", "pascal_context", "ade20k_full"):
+        recipe = importlib.import_module(f"configs.{module}")
+        for variant in ("B/16", "L/16") if module in ("ade20k_segmenter", "coco_stuff10k") else ():
+            config = recipe.get_config(f"variant={variant}")
+            expected = "augreg_vit_l16_384" if variant == "L/16" else "augreg_vit_b16_384"
+            assert config.model.pretrained == expected, (module, variant)
+        config = recipe.get_config(None)
+        assert weights.get(config.model.pretrained).format == "augreg_npz"
+        assert ("L_16" in weights.url_of(weights.get(config.model.pretrained))) == (
+            config.model.variant == "L/16"
+        )
+        assert recipe.get_config("runlocal").model.pretrained == "none", module
+    assert importlib.import_module("configs.demo").get_config("runlocal").model.pretrained == "none"
+    assert importlib.import_module("configs.demo").get_config(None).model.pretrained == "none"
+
+
+def _tiny_paper_row(data_root, workdir_steps: int = 1, **model):
+    """configs/ade20k_segmenter.py (the paper row, its pretrained default kept) with an AugReg-
+    shaped tiny ViT (D=64, 2 heads, 2 blocks, patch 16, 32 px) and one training step."""
+    config = configuration.load_config("configs/ade20k_segmenter.py")
+    with config.unlocked():
+        config.total_steps = workdir_steps
+        config.batch_size = 2
+        config.model.update(
+            variant="custom", width=64, depth=2, num_heads=2, mlp_dim=256, dec_heads=2,
+            img_size=(32, 32), k=8, dec_layers=2, drop_path_rate=0.0, **model,
+        )  # fmt: skip
+        config.data.update(root=str(data_root), crop_size=(32, 32), img_scale=(128, 32))
+        config.data.update(test_scale=(128, 32), num_workers=0, generate_if_missing=False)
+        config.eval.update(crop=(32, 32), stride=(32, 32), max_images=2, every_steps=0)
+        config.checkpoint.every_steps = 0
+        config.logging.every_steps = 1
+    return config
+
+
+def test_paper_row_without_weights_stops_with_one_line_before_compiling(
+    cache, synthetic_ade, tmp_path, monkeypatch
+):
+    """Offline, augreg_vit_b16_384 not cached, no pretrained=none: one UserError line naming
+    the file, where to put it and the way to train from scratch; nothing built or compiled."""
+    monkeypatch.setenv("RANKSEG_JAX_OFFLINE", "1")
+    config = _tiny_paper_row(synthetic_ade)
+    assert config.model.pretrained == "augreg_vit_b16_384"
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the model was built before the weights were resolved")
+
+    monkeypatch.setattr(train, "create_model", no_compile)
+    monkeypatch.setattr(jax, "jit", no_compile)
+    with pytest.raises(UserError) as info:
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "model.pretrained=augreg_vit_b16_384" in message
+    assert weights.url_of(weights.get("augreg_vit_b16_384")) in message
+    assert str(weights.cached_path("augreg_vit_b16_384")) in message
+    assert "--config.model.pretrained=none" in message
+    assert not (tmp_path / "wd" / "provenance.json").exists()
+
+
+def test_paper_row_with_none_trains_from_random_init(cache, synthetic_ade, tmp_path, monkeypatch):
+    """pretrained=none (explicit) starts without any file; provenance.json says random init."""
+    monkeypatch.setenv("RANKSEG_JAX_OFFLINE", "1")
+    config = _tiny_paper_row(synthetic_ade, pretrained="none")
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+    saved = json.loads((tmp_path / "wd" / "provenance.json").read_text())
+    assert saved[-1]["weights"] == f"random init (seed {config.seed})"
+    assert saved[-1]["weights_sha256"] is None
+
+
+def test_paper_row_loads_its_backbone_by_name_and_records_its_sha256(
+    cache, synthetic_ade, tmp_path, monkeypatch
+):
+    """model.pretrained=augreg_vit_b16_384 (the default) served by the local server: the run
+    loads it, provenance.json names it with the file's sha256, the backbone is the file's."""
+    entry = weights.get("augreg_vit_b16_384")
+    arrays = _fake_augreg(seed=5)
+    npz = tmp_path / "b16.npz"
+    np.savez(npz, **arrays)
+    digest = hashlib.sha256(npz.read_bytes()).hexdigest()
+    config = _tiny_paper_row(synthetic_ade)
+    with config.unlocked():
+        config.optimizer.lr = 0.0  # one step that leaves the loaded weights as they were
+    with FileServer({"/" + entry.filename: npz.read_bytes()}) as server:
+        monkeypatch.setenv("RANKSEG_JAX_WEIGHTS_BASE_URL", server.base_url)
+        train.train_and_evaluate(config, str(tmp_path / "wd"))
+        assert server.gets["/" + entry.filename] == 1
+    saved = json.loads((tmp_path / "wd" / "provenance.json").read_text())
+    assert saved[-1]["weights_sha256"] == digest
+    assert "augreg_vit_b16_384" in saved[-1]["weights"] and digest in saved[-1]["weights"]
+    model = create_model(config.model)
+    abstract = jax.eval_shape(
+        model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+        gt_labels=jnp.zeros((1, 32, 32), jnp.int32),
+    )["params"]  # fmt: skip
+    params = checkpoint.restore_params(tmp_path / "wd", abstract)
+    cls = np.asarray(params["backbone"]["cls_token"]).reshape(-1)
+    np.testing.assert_array_equal(cls, arrays["cls"].reshape(-1))
