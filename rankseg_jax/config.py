@@ -78,7 +78,10 @@ def schema() -> dict[str, Any]:
             grad_clip_norm=0.0,
             grad_accum_steps=1,
         ),
-        schedule=dict(name="poly", power=0.9, min_lr=1e-5, warmup_steps=0),
+        # max_train_seconds: a wall-clock budget for the training loop (0 = off): training stops
+        # at the first step that ends past it (checkpointed and evaluated there, like the last
+        # step); the learning-rate schedule still follows total_steps.
+        schedule=dict(name="poly", power=0.9, min_lr=1e-5, warmup_steps=0, max_train_seconds=0.0),
         loss=dict(
             img_loss="asl",
             img_loss_weight=10.0,
@@ -223,5 +226,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"eval.stride={config.eval.stride} exceeds eval.crop={config.eval.crop}")
     if config.batch_size < 1:
         raise ConfigError(f"batch_size={config.batch_size} must be at least 1")
+    if not config.schedule.max_train_seconds >= 0:  # also rejects NaN
+        raise ConfigError(
+            f"schedule.max_train_seconds={config.schedule.max_train_seconds} must be 0 (no "
+            "budget) or a positive number of seconds"
+        )
     if d.device_prefetch < 0:
         raise ConfigError(f"data.device_prefetch={d.device_prefetch} must be 0 or more")

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
 from rankseg_jax import checkpoint, download, evaluation, losses, optim, provenance, weights
 from rankseg_jax import config as config_lib
@@ -432,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.validate(config)
     workdir = pathlib.Path(workdir)
     provenance.check_resume(config, workdir)
-    source = source_from_config(config, "train")
+    source, val_source = _checked_sources(config)  # every dataset problem, before the model
     resuming = checkpoint.latest_step(workdir) is not None  # then no starting weights are read
     init = None if resuming else resolve_init_weights(config)
     mesh = shd.mesh_from_config(config)
@@ -454,12 +455,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     if data_state is not None:
         pipeline.set_state(data_state)
-    val_source = _val_source(config)
     eval_params = shd.local_replica(state.params, mesh) if jax.process_count() > 1 else state.params
     evaluator = Segmentor(config, model, eval_params).inferencer  # compiled once, reused
     schedule = optim.make_schedule(config)
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     results, acc, timer = None, MetricAccumulator(), LoopTimer()
+    budget = TrainBudget(float(config.schedule.max_train_seconds))
     with pipeline, SigtermFlag() as sigterm:
         for step in range(start + 1, config.total_steps + 1):
             t0 = time.perf_counter()
@@ -470,17 +471,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             timer.steps += 1
             progress(step)
             _profile(config, step, workdir)
-            if _should(config.logging.every_steps, step, config.total_steps):
+            last = step if budget.spent() else config.total_steps  # the budget ends it here
+            if _should(config.logging.every_steps, step, last):
                 _check_finite(state, step)
                 _log_step(writer, step, acc, timer, config, schedule, pipeline, workdir)
             evaluated = None
-            if _should(config.eval.every_steps, step, config.total_steps):
+            if _should(config.eval.every_steps, step, last):
                 evaluated = _maybe_evaluate(
                     config, evaluator, state, step, writer, workdir, val_source
                 )
                 results = evaluated or results
             stop = sigterm.stop_requested(manager, step)
-            if stop or _should(config.checkpoint.every_steps, step, config.total_steps):
+            if stop or _should(config.checkpoint.every_steps, step, last):
                 _check_finite(state, step)
                 metrics = {"mIoU": evaluated["mIoU"]} if evaluated else None
                 checkpoint.save(
@@ -490,20 +492,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 manager.wait_until_finished()
                 writer.write_texts(step, {"stopped": f"SIGTERM at step {step}, checkpoint saved"})
                 break
+            if step == last:
+                budget.report(writer, step, start, config.total_steps)
+                break
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     return results
 
 
-def _val_source(config):
-    """The val split, or None (with a warning) when the dataset has none: training goes on."""
+def _checked_sources(config: ml_collections.ConfigDict):
+    """(train source, val source or None), every dataset problem found before the model is built.
 
+    The train split's layout (pairing) and its size: fewer examples than one global batch is a
+    DatasetError naming the split and `batch_size`. With periodic evaluation
+    (`eval.every_steps` > 0) the val split gets the same layout checks and any problem stops
+    the run; with `eval.every_steps` = 0 a dataset without a usable val split trains, and the
+    run says once, here, that no evaluation will run.
+    """
+    source = source_from_config(config, "train")
+    where = getattr(source, "image_dir", None) or f"{config.data.dataset} {config.data.train_split}"
+    if len(source) < config.batch_size:
+        raise DatasetError(
+            f"{where}: the train split has {len(source)} examples, fewer than one global batch "
+            f"of {config.batch_size}; lower the config key batch_size (or add examples)"
+        )
+    if config.eval.every_steps > 0:
+        return source, source_from_config(config, "val")
     try:
-        return source_from_config(config, "val")
+        return source, source_from_config(config, "val")
     except DatasetError as exc:
-        logging.warning("no evaluation during training: %s", exc)
-        return None
+        logging.warning("no evaluation will run (eval.every_steps=0 and no val split): %s", exc)
+        return source, None
+
+
+class TrainBudget:
+    """The wall-clock training budget `schedule.max_train_seconds` (0 = off).
+
+    The clock starts when the loop does (the first step's compilation included). `spent()` is
+    asked after each step; with several processes process 0's answer is broadcast, so every
+    process ends at the same step. The step where it ends is then treated as the last one:
+    logged, evaluated and checkpointed, so a resumed run continues from exactly there.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter()
+        self.ended = False
+
+    def spent(self) -> bool:
+        if self.seconds <= 0:
+            return False
+        over = time.perf_counter() - self.start >= self.seconds
+        if jax.process_count() > 1:  # one decision for all processes
+            over = bool(multihost_utils.broadcast_one_to_all(np.asarray(over)))
+        self.ended = over
+        return over
+
+    def report(self, writer, step: int, start: int, total_steps: int) -> None:
+        """Log (and write to TensorBoard) what ended the training and the steps done."""
+        elapsed = time.perf_counter() - self.start
+        if self.ended:
+            why = f"the time budget schedule.max_train_seconds={self.seconds:g}"
+        else:
+            why = f"the step count total_steps={total_steps}"
+        text = (
+            f"training ended by {why} at step {step} of {total_steps} "
+            f"({step - start} steps in this run, {elapsed:.0f} s)"
+        )
+        logging.info(text)
+        writer.write_texts(step, {"ended": text})
 
 
 def _profile(config: ml_collections.ConfigDict, step: int, workdir) -> None:

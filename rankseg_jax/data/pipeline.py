@@ -70,7 +70,7 @@ from absl import flags
 
 from rankseg_jax import sharding as shd
 from rankseg_jax.data import transforms
-from rankseg_jax.errors import CheckpointError, CorruptDataError
+from rankseg_jax.errors import CheckpointError, CorruptDataError, DatasetError
 
 MAX_REPLACEMENTS = 16
 STATE_VERSION = 1
@@ -209,8 +209,9 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     if global_batch < 1:
         raise ValueError(f"batch_size={global_batch} must be at least 1")
     if num_examples < global_batch:
-        raise ValueError(
-            f"the dataset has {num_examples} examples, fewer than one batch of {global_batch}"
+        raise DatasetError(
+            f"the dataset has {num_examples} examples, fewer than one batch of {global_batch} "
+            "(lower the config key batch_size or add examples)"
         )
     return num_examples // global_batch
 
