@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from rankseg_jax.data import imageio
-from rankseg_jax.data.base import SegmentationSource, generic_palette
+from rankseg_jax.data.base import SegmentationSource
+from rankseg_jax.data.palette import generic_palette
 from rankseg_jax.errors import DatasetError, DatasetNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

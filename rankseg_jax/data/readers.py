@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from rankseg_jax.data.base import SegmentationSource, generic_palette
+from rankseg_jax.data.base import SegmentationSource
+from rankseg_jax.data.palette import generic_palette
 from rankseg_jax.errors import ConfigError, DatasetError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
