@@ -12,6 +12,7 @@ before anything compiles; every problem is one `ConfigError` line naming the key
 from __future__ import annotations
 
 import importlib.util
+import math
 import pathlib
 from typing import Any
 
@@ -67,6 +68,15 @@ def schema() -> dict[str, Any]:
             synthetic_val=0,
             synthetic_seed=0,
             synthetic_val_seed=1,
+            # data.dataset='folder' (your own data, rankseg_jax/data/folder.py): class names and
+            # palette ((r, g, b) per class) instead of <root>/classes.txt|json, the colour of
+            # ignored pixels in RGB masks, and split list files (relative to data.root) that
+            # replace the train / val split folders. Empty = unset.
+            classes=(),
+            palette=(),
+            ignore_color=(),
+            train_split_list="",
+            val_split_list="",
         ),
         optimizer=dict(
             name="sgd",
@@ -90,6 +100,12 @@ def schema() -> dict[str, Any]:
             clip=0.05,
             eps=1e-5,
             seg_loss_weight=1.0,
+            # Class weights in every head's pixel CE (RankSeg's slot CE: each slot weighs its
+            # class): "" = none, "inverse_frequency" (from the train labels, cached beside the
+            # dataset), or one weight per class (a tuple in a recipe, "w0,w1,..." on the
+            # command line). The weighted CE is torch's F.cross_entropy(weight=...) mean.
+            class_weight="",
+            dice_weight=0.0,  # > 0 adds mmseg's DiceLoss (loss_weight = dice_weight)
         ),
         eval=dict(
             mode="slide",
@@ -103,6 +119,7 @@ def schema() -> dict[str, Any]:
             # Output tiles (rows, cols) of the on-device resize back to each image's size: they
             # bound memory (tile × n_cls floats); smaller tiles suit small images.
             tile=(256, 1024),
+            fscore_beta=1.0,  # the β of mFscore (mmseg eval_metrics)
         ),
         predict=dict(input="", output="", figures=True, submission_format=False),
         export=dict(output="", formats=("pth", "safetensors"), segmenter_layout=False),
@@ -213,7 +230,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d.dataset not in readers.READERS:
         known = ", ".join(readers.READERS)
         raise ConfigError(f"unknown data.dataset {d.dataset!r}; known: {known}")
-    reader_n_cls = readers.READERS[d.dataset].n_cls
+    if d.dataset == "folder":  # the class count is the dataset instance's, not the reader's
+        reader_n_cls = len(readers.dataset_labels(d)[0])
+    else:
+        reader_n_cls = readers.READERS[d.dataset].n_cls
     if reader_n_cls != m.n_cls:
         raise ConfigError(
             f"model.n_cls={m.n_cls} but data.dataset={d.dataset!r} has {reader_n_cls} classes"
@@ -231,5 +251,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"schedule.max_train_seconds={config.schedule.max_train_seconds} must be 0 (no "
             "budget) or a positive number of seconds"
         )
+    class_weight_setting(config)
+    if not config.loss.dice_weight >= 0:
+        raise ConfigError(f"loss.dice_weight={config.loss.dice_weight} must be 0 (off) or more")
+    if not config.eval.fscore_beta > 0:
+        raise ConfigError(f"eval.fscore_beta={config.eval.fscore_beta} must be positive")
     if d.device_prefetch < 0:
         raise ConfigError(f"data.device_prefetch={d.device_prefetch} must be 0 or more")
+
+
+INVERSE_FREQUENCY = "inverse_frequency"
+
+
+def class_weight_setting(config: ml_collections.ConfigDict) -> str | tuple[float, ...] | None:
+    """`loss.class_weight` parsed: None (unweighted), "inverse_frequency", or n_cls weights.
+
+    Accepts a sequence of numbers or a string ("", "inverse_frequency", "w0,w1,..."); raises
+    ConfigError naming the key for anything else, a wrong count or a negative weight.
+    """
+    value, n_cls = config.loss.class_weight, int(config.model.n_cls)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        if value.strip() == INVERSE_FREQUENCY:
+            return INVERSE_FREQUENCY
+        parts = [p for p in value.replace("(", "").replace(")", "").split(",") if p.strip()]
+    else:
+        parts = list(value)
+    try:
+        weights = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"loss.class_weight={value!r}: expected '', '{INVERSE_FREQUENCY}' or {n_cls} "
+            "numbers (one per class)"
+        ) from None
+    if len(weights) != n_cls:
+        raise ConfigError(
+            f"loss.class_weight has {len(weights)} weights for model.n_cls={n_cls} classes"
+        )
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ConfigError(
+            f"loss.class_weight={weights}: weights must be finite, ≥ 0, and not all 0"
+        )
+    return weights

@@ -177,6 +177,7 @@ class Predictor:
             raise InputError("model.classifier='gt' needs ground-truth labels to predict")
         self.segmentor = segmentor
         self.config = segmentor.config
+        self._label_cache: tuple[tuple[str, ...], np.ndarray] | None = None
         self.settings, self.kwargs = inference.settings_from_config(self.config)
         self.rankseg = self.config.model.classifier == "rankseg"
         self.score_kind = (
@@ -203,7 +204,9 @@ class Predictor:
         return self._labels()[1]
 
     def _labels(self) -> tuple[tuple[str, ...], np.ndarray]:
-        return visualize.dataset_labels(self.config.data.dataset, self.config.model.n_cls)
+        if self._label_cache is None:  # a folder dataset reads its classes file once
+            self._label_cache = visualize.model_labels(self.config)
+        return self._label_cache
 
     def passes(self, image: np.ndarray) -> list[tuple[np.ndarray, bool]]:
         """The normalised (image, flipped) passes of the config's test pipeline."""

@@ -67,14 +67,18 @@ def segmenter_config(
     rankseg_decay_mult: bool = False,
     eval_scales: tuple[float, ...] = (1.0,),
     eval_flip: bool = False,
+    n_cls: int = 0,
 ) -> ml_collections.ConfigDict:
-    """One Segmenter row of the RankSeg paper as a full config (reference hyper-parameters)."""
+    """One Segmenter row of the RankSeg paper as a full config (reference hyper-parameters).
+
+    n_cls: the class count when the dataset's is per instance (`folder`); 0 = the reader's.
+    """
     kind = classifier(head)
     if variant not in ("B/16", "L/16"):
         raise ConfigError(f"variant={variant!r}: the Segmenter rows use B/16 or L/16")
     if head == "gt" and oce:
         raise ConfigError("head=gt with oce: the GT oracle uses its own class embeddings")
-    n_cls = readers.reader_class(dataset).n_cls
+    n_cls = n_cls or readers.reader_class(dataset).n_cls
     data = data_overrides(dataset)
     data.update(crop_size=(crop, crop), img_scale=img_scale, test_scale=img_scale)
     model = dict(

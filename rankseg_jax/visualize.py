@@ -41,6 +41,12 @@ def dataset_labels(dataset: str, n_cls: int) -> tuple[tuple[str, ...], np.ndarra
     return readers.class_names_and_palette(dataset, n_cls)
 
 
+def model_labels(config: Any) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, palette (n_cls, 3) uint8) of a config's model and dataset: the dataset
+    instance's own for `data.dataset='folder'` (classes file or data.classes/data.palette)."""
+    return readers.labels_for_model(config.data, int(config.model.n_cls))
+
+
 # ------------------------------------------------------------------------------------------
 # Label maps as pictures.
 

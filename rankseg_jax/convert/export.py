@@ -91,8 +91,9 @@ def state_dict_for_export(
 
 def class_names_and_palette(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], list]:
     """The dataset's class names and palette ((n_cls, 3) ints as nested lists), as mmseg's meta
-    (readers.class_names_and_palette: the fallback for a custom n_cls is shared with predict)."""
-    names, palette = readers.class_names_and_palette(config.data.dataset, config.model.n_cls)
+    (readers.labels_for_model: a folder dataset's own classes; the fallback for a custom n_cls
+    is shared with predict)."""
+    names, palette = readers.labels_for_model(config.data, int(config.model.n_cls))
     return names, [[int(c) for c in row] for row in palette]
 
 

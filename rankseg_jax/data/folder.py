@@ -148,6 +148,11 @@ class FolderSource(SegmentationSource):
 
     dataset = "folder"
     expected_tree = EXPECTED_TREE
+    # What the recipes put in data.* (the label definition itself lives on the instance).
+    mean, std = (127.5, 127.5, 127.5), (127.5, 127.5, 127.5)  # the AugReg ViT backbones'
+    default_root = ""
+    train_split, val_split = "train", "val"
+    ignore_index = DEFAULT_IGNORE_INDEX
 
     def __init__(
         self,
@@ -432,6 +437,24 @@ class FolderSource(SegmentationSource):
         return (
             f"{zero}{lo}..{hi} = the classes of {self.classes_source}, {self.ignore_index} = ignore"
         )
+
+
+def folder_labels(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | np.ndarray | None = None,
+    ignore_color: Sequence[int] | None = None,
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, (n_cls, 3) uint8 palette) of a folder dataset without listing a split.
+
+    The same rules and checks as `FolderSource` (config `classes`/`palette` override the
+    classes file); the root must exist only when the names come from its classes file.
+    Raises DatasetNotFoundError / DatasetError with one line naming the file or key.
+    """
+    probe = FolderSource.__new__(FolderSource)
+    probe.root = str(root) if classes is not None else probe._resolve_root(str(root))
+    probe._load_classes(classes, palette, ignore_color)
+    return probe.class_names, probe.palette
 
 
 def available_splits(root: str | os.PathLike) -> list[str]:

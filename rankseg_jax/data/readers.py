@@ -18,6 +18,10 @@ Layouts (data.root points at the first folder, or at the folder holding it):
   labels 0..170 with 255 = ignore, NO reduction (0 is "person").
 * pascal_context: VOC2010/{JPEGImages, SegmentationClassContext,
   ImageSets/SegmentationContext/{train,val}.txt}; 0 = background (a real class), 255 ignore.
+* folder: the user's own dataset (rankseg_jax.data.folder): DIR/{classes.txt|classes.json,
+  images/<split>/*, annotations/<split>/*}; its class count, names and palette are per
+  instance (from the classes file or `data.classes` / `data.palette`), so code that needs
+  them asks `dataset_labels(config.data)`, never the class.
 * ade20k_full (MaskFormer's prepare_ade20k_full_sem_seg.py): ADE20K_2021_17_01/
   {images,annotations}_detectron2/{training,validation}/ADE_*.{jpg,tif}; uint16 labels 0..846
   with 65535 = ignore (255 is the real class "pier"). No community palette exists, so the
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from rankseg_jax.data.base import SegmentationSource
+from rankseg_jax.data.folder import FolderSource, folder_labels
 from rankseg_jax.data.palette import generic_palette
 from rankseg_jax.errors import ConfigError, DatasetError
 
@@ -223,7 +228,54 @@ READERS: dict[str, type[SegmentationSource]] = {
     "pascal_context": PascalContext,
     "ade20k_full": ADE20KFull,
     "synthetic_ade20k": SyntheticADE20K,
+    "folder": FolderSource,
 }
+
+
+def _nonempty(value: Any) -> Any:
+    """A config value that may be unset ((), "", None) → None, else as given."""
+    if value is None or (isinstance(value, str | tuple | list) and len(value) == 0):
+        return None
+    return value
+
+
+def folder_options(data: Any) -> dict[str, Any]:
+    """The `FolderSource` keyword args that come from a config's `data` (classes, palette,
+    ignore colour); unset keys are left out so the classes file decides."""
+    opts = {
+        "classes": _nonempty(data.get("classes")),
+        "palette": _nonempty(data.get("palette")),
+        "ignore_color": _nonempty(data.get("ignore_color")),
+    }
+    return {k: (list(v) if k == "classes" else v) for k, v in opts.items() if v is not None}
+
+
+def dataset_labels(data: Any) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, (n_cls, 3) uint8 palette) of a config's `data` section.
+
+    A fixed reader's class table; for `folder` the instance's definition (data.classes /
+    data.palette, else <data.root>/classes.txt|json). Raises ConfigError for an unknown
+    dataset and DatasetError for a folder without readable classes.
+    """
+    if data.dataset not in READERS:
+        raise ConfigError(f"unknown data.dataset {data.dataset!r}; known: {', '.join(READERS)}")
+    if data.dataset == "folder":
+        return folder_labels(data.root, **folder_options(data))
+    cls = READERS[data.dataset]
+    return tuple(cls.class_names), np.asarray(cls.palette, np.uint8)
+
+
+def labels_for_model(data: Any, n_cls: int) -> tuple[tuple[str, ...], np.ndarray]:
+    """(class names, palette) for a model with n_cls classes trained on `data`.
+
+    The dataset's (`dataset_labels`) when it has n_cls classes, else the shared fallback
+    ("class_<i>", `generic_palette`) of `class_names_and_palette`.
+    """
+    if data.dataset == "folder":
+        names, palette = dataset_labels(data)
+        if len(names) == n_cls:
+            return names, palette
+    return class_names_and_palette(data.dataset, n_cls)
 
 
 def reader_class(dataset: str) -> type[SegmentationSource]:
@@ -256,8 +308,13 @@ def make_source(
 ) -> SegmentationSource:
     """The reader of `dataset` for `split` under `root` (a config's data.dataset / data.root).
 
-    opts are passed to the reader (`validate_labels`, `reduce_zero_label`, `ignore_index`).
+    opts are passed to the reader (`validate_labels`, `reduce_zero_label`, `ignore_index`;
+    for `folder` also `classes`, `palette`, `ignore_color`, `split_list`); None means the
+    reader's own setting.
     Raises DatasetError for an unknown dataset name and DatasetNotFoundError for a missing
     root, split folder or split list. Call `check_layout()` on the result before training.
     """
-    return reader_class(dataset)(root, split, **opts)
+    cls = reader_class(dataset)
+    if cls is FolderSource:
+        opts = {k: v for k, v in opts.items() if v is not None}
+    return cls(root, split, **opts)

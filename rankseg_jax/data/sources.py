@@ -10,7 +10,7 @@ from typing import Any
 from rankseg_jax.data import synthetic
 from rankseg_jax.data.base import SegmentationSource
 from rankseg_jax.data.prepared import PreparedSource
-from rankseg_jax.data.readers import make_source, reader_class
+from rankseg_jax.data.readers import folder_options, make_source, reader_class
 from rankseg_jax.errors import ConfigError, DatasetError
 
 
@@ -67,6 +67,11 @@ def source_from_config(
             val_seed=int(data.synthetic_val_seed),
         )
     opts = dict(labels, **opts)
+    if data.dataset == "folder":  # the label definition and split lists come from the config
+        opts = dict(folder_options(data), **opts)
+        split_list = {"train": data.get("train_split_list"), "val": data.get("val_split_list")}
+        if split_list.get(split):
+            opts.setdefault("split_list", split_list[split])
     source = make_source(data.dataset, data.root, name, **opts)
     source.check_layout()
     return source
