@@ -35,6 +35,7 @@ IMG_LOSSES = ("asl", "bce")
 LOG_KEYS = (
     "decode.loss_img",
     "decode.loss_seg",
+    "decode.loss_dice",
     "decode.acc_seg",
     "decode.acc_pix",
     "decode.acc_img",
@@ -310,6 +311,7 @@ def loss_terms(
     loss_config: Mapping[str, Any],
     n_cls: int,
     ignore_index: int = 255,
+    class_weight: Any = None,
 ) -> LossTerms:
     """Losses and logged metrics of one forward, per image and reduced (see LossTerms).
 
@@ -326,7 +328,11 @@ def loss_terms(
 
     Reductions follow the reference: loss_seg and acc_seg are means over all B·H·W pixels (=
     the mean of the per-image values, all crops having one size), loss_img the mean over
-    B·n_cls. acc_pix / acc_img: RankSeg averages the finite per-image values over the batch (1
+    B·n_cls. With `class_weight` ((n_cls,) floats, `loss.class_weight` resolved) loss_seg is
+    the class-weighted CE of `weighted_seg_loss` (torch's weighted mean; RankSeg's slots weigh
+    their class); `loss_config.dice_weight` > 0 adds `decode.loss_dice`, mmseg's DiceLoss on
+    the same logits and target as the CE (the slots and the relabelled label for RankSeg).
+    acc_pix / acc_img: RankSeg averages the finite per-image values over the batch (1
     if none is finite; spec 3.4); the GT head, whose reference runs image by image, averages
     per-image values where an image without valid pixels counts 1.
     """
@@ -342,6 +348,16 @@ def loss_terms(
         * jnp.mean(correct_pixels(logits, target).astype(jnp.float32), axis=(1, 2)),
     }
     metrics = {key: jnp.mean(value) for key, value in per_image.items()}
+    if class_weight is not None:  # a weighted mean: the batch value is not the images' mean
+        batch, alone = weighted_seg_loss(outputs, labels, class_weight, ignore_index)
+        metrics["decode.loss_seg"] = seg_weight * batch
+        per_image["decode.loss_seg"] = seg_weight * alone
+    dice_weight = float(loss_config.get("dice_weight", 0.0) or 0.0)
+    if dice_weight > 0:
+        dice = lambda x, y: dice_loss(x, y, ignore_index, loss_weight=dice_weight)
+        metrics["decode.loss_dice"] = dice(logits, target)
+        alone = jax.vmap(lambda x, y: dice(x[None], y[None]))
+        per_image["decode.loss_dice"] = alone(logits, target)
     if img_logits is not None:
         elements = image_loss_elements(img_logits, multi_hot(labels, n_cls), loss_config)
         per_image["decode.loss_img"] = float(loss_config["img_loss_weight"]) * jnp.mean(
@@ -373,13 +389,14 @@ def segmentation_losses(
     loss_config: Mapping[str, Any],
     n_cls: int,
     ignore_index: int = 255,
+    class_weight: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss scalar, metrics dict of scalars) for one training forward; see `loss_terms`.
 
     Use as `jax.value_and_grad(lambda p: segmentation_losses(model.apply(...), ...),
     has_aux=True)`.
     """
-    terms = loss_terms(outputs, labels, loss_config, n_cls, ignore_index)
+    terms = loss_terms(outputs, labels, loss_config, n_cls, ignore_index, class_weight)
     return terms.total, terms.metrics
 
 

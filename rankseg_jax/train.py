@@ -30,6 +30,7 @@ from rankseg_jax import checkpoint, download, evaluation, losses, optim, provena
 from rankseg_jax import config as config_lib
 from rankseg_jax import sharding as shd
 from rankseg_jax.convert import loading
+from rankseg_jax.data import class_stats
 from rankseg_jax.data.pipeline import PipelineConfig, TrainIterator
 from rankseg_jax.data.sources import source_from_config
 from rankseg_jax.download import DownloadError
@@ -104,6 +105,7 @@ def train_step(
     tx: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
     batch_sharding: jax.sharding.NamedSharding | None = None,
+    class_weight: tuple[float, ...] | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimisation step on a global batch: images (B, H, W, 3), labels (B, H, W).
 
@@ -112,6 +114,8 @@ def train_step(
     `finite`; the loop reads that flag at log and save steps. `batch_sharding` (the batch
     axes) constrains images and labels, hence the activations, inside the step.
     With `optimizer.grad_accum_steps` = k (optax.MultiSteps) params change every k-th step.
+    `class_weight`: the resolved `loss.class_weight` (n_cls floats, `resolve_class_weight`),
+    a constant of the compiled step.
     """
     images, labels = batch["image"], batch["label"]
     if batch_sharding is not None:  # activations follow the batch axes through the model
@@ -134,8 +138,9 @@ def train_step(
         )
         out, model_state = out if mutable else (out, state.model_state)
         total, metrics = losses.segmentation_losses(
-            out, labels, config.loss, config.model.n_cls, config.data.ignore_index
-        )
+            out, labels, config.loss, config.model.n_cls, config.data.ignore_index,
+            class_weight=None if class_weight is None else jnp.asarray(class_weight, jnp.float32),
+        )  # fmt: skip
         return total, (metrics, model_state)
 
     (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -161,11 +166,12 @@ def train_step(
     return new, metrics
 
 
-def compile_train_step(model, tx, config, state_sharding, batch_sharding):
+def compile_train_step(model, tx, config, state_sharding, batch_sharding, class_weight=None):
     """`train_step` jitted with explicit shardings and the state donated."""
     step = functools.partial(
-        train_step, model=model, tx=tx, config=config, batch_sharding=batch_sharding
-    )
+        train_step, model=model, tx=tx, config=config, batch_sharding=batch_sharding,
+        class_weight=class_weight,
+    )  # fmt: skip
     return jax.jit(
         step,
         in_shardings=(state_sharding, batch_sharding),
@@ -447,9 +453,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_texts(start, {"weights": origin})
     if start == 0:
         writer.write_hparams(_hparams(config))
+    class_weight = resolve_class_weight(config, source, writer)  # before compiling
     step_fn = compile_train_step(
-        model, tx, config, config_state_shardings(state, mesh, config), shd.batch_sharding(mesh)
-    )
+        model, tx, config, config_state_shardings(state, mesh, config), shd.batch_sharding(mesh),
+        class_weight,
+    )  # fmt: skip
     pipeline = TrainIterator(
         source, PipelineConfig.from_config(config), sharding=shd.batch_sharding(mesh)
     )
@@ -499,6 +507,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.close()
     writer.flush()
     return results
+
+
+def resolve_class_weight(
+    config: ml_collections.ConfigDict, source: Any, writer: Any = None
+) -> tuple[float, ...] | None:
+    """`loss.class_weight` as n_cls floats (None when unweighted), before anything compiles.
+
+    'inverse_frequency' reads every training label once (a progress bar) and caches the pixel
+    counts beside the dataset keyed by the labels' content (rankseg_jax.data.class_stats), so
+    later runs only hash the label files. Process 0 computes; the weights are broadcast.
+    """
+    setting = config_lib.class_weight_setting(config)
+    if setting is None:
+        return None
+    if setting == config_lib.INVERSE_FREQUENCY:
+        values = np.zeros(int(config.model.n_cls), np.float64)
+        if jax.process_index() == 0:
+            stats = class_stats.inverse_frequency_weights(source)
+            values = stats.weights
+            how = "read from" if stats.from_cache else "computed and cached in"
+            logging.info("inverse-frequency class weights %s %s", how, stats.cache_path)
+        if jax.process_count() > 1:
+            values = np.asarray(multihost_utils.broadcast_one_to_all(values.astype(np.float32)))
+        weights = tuple(float(w) for w in values)
+    else:
+        weights = tuple(setting)
+    if writer is not None:
+        names = getattr(source, "class_names", None) or [str(c) for c in range(len(weights))]
+        table = ", ".join(f"{n}: {w:.3g}" for n, w in zip(names, weights, strict=True))
+        writer.write_texts(0, {"loss/class_weight": table})
+    return weights
 
 
 def _checked_sources(config: ml_collections.ConfigDict):
