@@ -5,11 +5,22 @@ latest checkpoint, else `config.init_from`), the config's val split read by the 
 (the demo dataset is generated first when missing), the config's test inference (slide or
 whole, `eval.scales`, `eval.flip`, `eval.max_images`), then
 
-    <workdir>/eval/results_step<N>.json   everything, NaN written as null
-    <workdir>/eval/table_step<N>.txt      per-class IoU/Acc table, summary, top-k ceilings
-    TensorBoard events in <workdir>       eval/mIoU, eval/aAcc, eval/mAcc, eval/IoU/<class>,
-                                          eval/pixel_recall, eval/image_recall, eval/time_s,
-                                          eval/windows_per_s, eval/images_per_s, the table
+    <workdir>/eval/results_step<N>.json   everything, NaN written as null: mIoU, mDice,
+                                          mFscore (β = eval.fscore_beta), mPrecision, mRecall,
+                                          per_class {name: IoU, Acc, Dice, Fscore, Precision,
+                                          Recall} in %, the int64 counts, the files below
+    <workdir>/eval/table_step<N>.txt      per-class IoU/Acc/Dice/Fscore/Precision/Recall table,
+                                          summary, top-k ceilings
+    <workdir>/eval/confusion_step<N>.npy  the (n_cls, n_cls) int64 confusion matrix, rows =
+                                          ground truth, columns = prediction (diag = I,
+                                          column sums = P, row sums = G of the mIoU counts)
+    <workdir>/eval/confusion_step<N>.png  row-normalised, class names, most confused pairs
+    <workdir>/eval/iou_step<N>.png        per-class IoU bars in the dataset's palette
+    TensorBoard events in <workdir>       eval/mIoU, eval/aAcc, eval/mAcc, eval/mDice,
+                                          eval/mFscore, eval/IoU/<class>, eval/pixel_recall,
+                                          eval/image_recall, eval/time_s, eval/windows_per_s,
+                                          eval/images_per_s, the table, and the images
+                                          eval/confusion and eval/iou_per_class
 
 where N is the checkpoint step (0 for `init_from` weights). A missing dataset or checkpoint is
 one error line and exit code 2.
@@ -37,7 +48,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rankseg_jax import inference, metrics
+from rankseg_jax import inference, metrics, visualize
 from rankseg_jax.data import pipeline
 from rankseg_jax.errors import DatasetError
 
@@ -70,6 +81,15 @@ def results_path(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
 
 def table_path(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
     return pathlib.Path(workdir) / RESULTS_DIR / f"table_step{step}.txt"
+
+
+def confusion_path(workdir: str | pathlib.Path, step: int, suffix: str = ".npy") -> pathlib.Path:
+    """<workdir>/eval/confusion_step<step>.npy (or .png: the figure)."""
+    return pathlib.Path(workdir) / RESULTS_DIR / f"confusion_step{step}{suffix}"
+
+
+def iou_chart_path(workdir: str | pathlib.Path, step: int) -> pathlib.Path:
+    return pathlib.Path(workdir) / RESULTS_DIR / f"iou_step{step}.png"
 
 
 # ------------------------------------------------------------------------------------------
@@ -112,7 +132,8 @@ def scalars(results: Mapping[str, Any]) -> dict[str, float]:
 
     NaN values (classes absent from the evaluated images) are left out.
     """
-    out = {f"eval/{key}": metrics.percent(results[key]) for key in ("mIoU", "aAcc", "mAcc")}
+    keys = [k for k in ("mIoU", "aAcc", "mAcc", "mDice", "mFscore") if k in results]
+    out = {f"eval/{key}": metrics.percent(results[key]) for key in keys}
     names = results["class_names"]
     for index, (name, iou) in enumerate(zip(names, results["IoU"], strict=True)):
         out[f"eval/IoU/{index:03d}_{_tag(name)}"] = metrics.percent(iou)
@@ -175,6 +196,7 @@ def merged_result(scorer: inference.Scorer) -> dict[str, Any]:
         return scorer.result()
     meter = scorer.meter
     meter.counts = sum_over_processes(meter.counts)
+    scorer.confusion.matrix = sum_over_processes(scorer.confusion.matrix)
     meter.num_images = int(sum_over_processes(np.array([meter.num_images], np.int64))[0])
     windows = int(sum_over_processes(np.array([scorer.windows], np.int64))[0])
     results = scorer.result()
@@ -227,10 +249,13 @@ def run_evaluation(
     The images come through the eval pipeline (`data.num_workers` workers, keep-ratio resize
     to `data.test_scale` and the `eval.scales` ratios, normalisation), flips per `eval.flip`,
     the first `eval.max_images` only when > 0. Returns `inference.Scorer.result()` summed over
-    processes, plus step, per_class (percent), the dataset's int64 pixel `counts`
+    processes, plus mmseg's mDice / mFscore (β = `eval.fscore_beta`) / mPrecision / mRecall
+    and their per-class lists, step, per_class (percent), the dataset's int64 pixel `counts`
     (intersection, prediction, label per class, so runs can be merged) and `extra`. With
-    `writer` the scalars and the table go to TensorBoard at `step`; with `workdir` process 0
-    writes the JSON and the table (`results_path`, `table_path`) and prints the table.
+    `writer` the scalars, the table and the confusion / IoU figures go to TensorBoard at
+    `step`; with `workdir` process 0 writes the JSON, the table, the confusion `.npy` and
+    both figures (`results_path`, `table_path`, `confusion_path`, `iou_chart_path`) and
+    prints the table.
     """
     inferencer = _inferencer_of(evaluator)
     if params is not None:
@@ -250,24 +275,39 @@ def run_evaluation(
     show = progress and jax.process_index() == 0
     scorer.consume(jobs, progress=show, total=local_image_count(len(source), max_images))
     results = merged_result(scorer)
+    beta = float(config.eval.get("fscore_beta", 1.0))
+    results.update(metrics.extended_scores_from_counts(scorer.meter.counts, beta))
     results["step"] = int(step)
     counts = scorer.meter.counts
     results["counts"] = {
         name: [int(v) for v in counts[row]]
         for name, row in (("intersection", 0), ("prediction", 1), ("label", 2))
     }
-    per_class = zip(results["class_names"], results["IoU"], results["Acc"], strict=True)
     results["per_class"] = {
-        name: {"IoU": metrics.percent(iou), "Acc": metrics.percent(acc)}
-        for name, iou, acc in per_class
+        name: {key: metrics.percent(value) for key, value in row.items()}
+        for name, row in metrics.per_class_table(results).items()
     }
     results.update(extra or {})
     table = format_report(results)
+    confusion = scorer.confusion.matrix
+    figures = None
+    if writer is not None or (workdir is not None and jax.process_index() == 0):
+        figures = _figures(results, confusion, getattr(source, "palette", None), step)
     if writer is not None:
         writer.write_scalars(step, scalars(results))
         writer.write_texts(step, {"eval/table": "```\n" + table + "\n```"})
+        writer.write_images(step, {k: visualize.figure_to_array(f)[None] for k, f in figures})
         writer.flush()
     if workdir is not None and jax.process_index() == 0:
+        scorer.confusion.save(confusion_path(workdir, step))
+        paths = (confusion_path(workdir, step, ".png"), iou_chart_path(workdir, step))
+        for (_, fig), path in zip(figures, paths, strict=True):
+            visualize.save_figure(fig, path)
+        results["files"] = {
+            "confusion": str(confusion_path(workdir, step)),
+            "confusion_figure": str(paths[0]),
+            "iou_figure": str(paths[1]),
+        }
         metrics.write_json(results, results_path(workdir, step))
         path = table_path(workdir, step)
         path.write_text(table + "\n")
@@ -276,9 +316,22 @@ def run_evaluation(
     return results
 
 
+def _figures(results: Mapping[str, Any], confusion: np.ndarray, palette: Any, step: int):
+    """[(TensorBoard tag, Figure)]: the row-normalised confusion matrix and the IoU bars."""
+    names = list(results["class_names"])
+    palette = None if palette is None or len(palette) != len(names) else np.asarray(palette)
+    title = f"step {step}, {results['num_images']} images"
+    return [
+        ("eval/confusion", visualize.confusion_figure(confusion, names, title=title)),
+        ("eval/iou_per_class", visualize.iou_bar_figure(results["IoU"], names, palette,
+                                                        title=f"per-class IoU, {title}")),
+    ]  # fmt: skip
+
+
 def format_report(results: Mapping[str, Any]) -> str:
     """The per-class table, the summary line, the top-k ceilings and the speed, as text."""
-    lines = [metrics.format_table(results)]
+    extended = all(k in results for k in ("Dice", "Fscore", "Precision", "Recall"))
+    lines = [metrics.format_extended_table(results) if extended else metrics.format_table(results)]
     topk = results.get("topk")
     if topk:
         lines.append(

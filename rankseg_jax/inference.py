@@ -250,7 +250,9 @@ class Prediction:
     counts (I, P, G) or None without a label; selected: (C,) bool classes in some window's
     top-k (RankSeg) or None; windows: model windows run for this image; window_scores: per
     pass, (windows of the pass, C) float32 image-level scores in window order, when
-    `encode_decode` returns them (see `Inferencer`), else None.
+    `encode_decode` returns them (see `Inferencer`), else None; confusion: (C, C) int64
+    (rows = label, columns = prediction, the pixels that `counts` scores) or None without a
+    label.
     """
 
     pred: np.ndarray | None
@@ -260,6 +262,7 @@ class Prediction:
     windows: int
     tag: Any = None
     window_scores: list[np.ndarray] | None = None
+    confusion: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -586,7 +589,8 @@ class Inferencer:
         pred = np.zeros((out_h, out_w), np.int32) if job.want_pred else None
         probs = np.zeros((out_h, out_w, self.n_cls), np.float32) if job.want_probs else None
         counts = None if job.label is None else np.zeros((3, self.n_cls), np.int64)
-        for (y, x), (tile_pred, tile_probs, tile_counts) in job.tiles:
+        confusion = None if job.label is None else np.zeros((self.n_cls,) * 2, np.int64)
+        for (y, x), (tile_pred, tile_probs, tile_counts, tile_confusion) in job.tiles:
             h, w = min(rows, out_h - y), min(cols, out_w - x)
             if pred is not None:
                 pred[y : y + h, x : x + w] = np.asarray(tile_pred)[:h, :w]
@@ -594,6 +598,7 @@ class Inferencer:
                 probs[y : y + h, x : x + w] = np.asarray(tile_probs)[:h, :w]
             if counts is not None:
                 counts += np.asarray(tile_counts).astype(np.int64)
+                confusion += np.asarray(tile_confusion).astype(np.int64)
         selected = None
         if self.config.rankseg_fill is not None:
             selected = np.zeros(self.n_cls, bool)
@@ -606,7 +611,9 @@ class Inferencer:
                 np.concatenate([np.asarray(sc)[valid] for sc, valid in p.scores])
                 for p in job.passes
             ]
-        return Prediction(pred, probs, counts, selected, job.windows, job.tag, window_scores)
+        return Prediction(
+            pred, probs, counts, selected, job.windows, job.tag, window_scores, confusion
+        )
 
 
 def _merge_windows(canvas, logits, offsets, valid):
@@ -631,16 +638,18 @@ def _finish_tile(
     acc, canvas, cy, cx, sizes, origin, flip, denom, label,
     *, tile, n_cls, ignore_index, want_probs, with_label,
 ):  # fmt: skip
-    """Last pass: probabilities averaged over passes, argmax, and the tile's metric counts."""
+    """Last pass: probabilities averaged over passes, argmax, and the tile's metric counts
+    (I, P, G) and confusion matrix (int32, per tile; summed in int64 on the host)."""
     probs = _accumulate_tile(acc, canvas, cy, cx, sizes, origin, flip, tile=tile) / denom
     pred = jnp.argmax(probs, axis=-1).astype(jnp.int32)
-    counts = None
+    counts = confusion = None
     if with_label:
         oy = origin[0] + jnp.arange(tile[0])[:, None]
         ox = origin[1] + jnp.arange(tile[1])[None, :]
         inside = (oy < sizes[2]) & (ox < sizes[3])
         counts = metrics_lib.intersect_and_union(pred, label, n_cls, ignore_index, inside)
-    return pred, probs if want_probs else None, counts
+        confusion = metrics_lib.confusion_counts(pred, label, n_cls, ignore_index, inside)
+    return pred, probs if want_probs else None, counts, confusion
 
 
 def settings_from_config(config: Any) -> tuple[InferenceConfig, dict[str, Any]]:
@@ -809,6 +818,7 @@ class Scorer:
     def __init__(self, inferencer: Inferencer, class_names: Sequence[str] | None = None):
         self.inferencer = inferencer
         self.meter = metrics_lib.MeanIoU(inferencer.n_cls, class_names)
+        self.confusion = metrics_lib.ConfusionMatrix(inferencer.n_cls, class_names)
         topk = inferencer.config.rankseg_fill is not None
         self.recall = metrics_lib.TopkRecall() if topk else None
         self.seconds = 0.0
@@ -832,6 +842,7 @@ class Scorer:
                 stream = tqdm(stream, total=total, desc="eval", unit="img")
             for done in stream:
                 self.meter.update(done.counts)
+                self.confusion.update(done.confusion)
                 if self.recall is not None:
                     self.recall.update(done.selected, done.counts[metrics_lib.LABEL])
                 if on_image is not None:
