@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from rankseg_jax import inference, visualize
+from rankseg_jax import inference, video, visualize
 from rankseg_jax.data import imageio, synthetic
 from rankseg_jax.errors import CheckpointNotFoundError, DatasetError, InputError
 from rankseg_jax.segmentor import Segmentor, check_image
@@ -79,13 +79,15 @@ def find_images(spec: str) -> list[pathlib.Path]:
         raise InputError(f"predict.input={spec}: no such file or folder")
     if not found:
         raise InputError(
-            f"predict.input: no images in {where} (looked for {', '.join(IMAGE_SUFFIXES)})"
+            f"predict.input: no images or videos in {where} (looked for "
+            f"{', '.join(IMAGE_SUFFIXES + video.VIDEO_SUFFIXES)})"
         )
     return found
 
 
 def _is_image_name(path: str | os.PathLike) -> bool:
-    return os.fspath(path).lower().endswith(IMAGE_SUFFIXES)
+    """An image or a video file name (videos go through rankseg_jax.video)."""
+    return os.fspath(path).lower().endswith(IMAGE_SUFFIXES + video.VIDEO_SUFFIXES)
 
 
 def output_names(paths: Sequence[pathlib.Path]) -> list[str]:
@@ -231,6 +233,12 @@ class Predictor:
         done = self.inferencer.predict_passes(self.passes(image), image.shape[:2])
         scores = self.image_scores(done.window_scores)
         return ImagePrediction(done.pred, scores, self.score_kind, done.selected, done.windows)
+
+    @property
+    def topk(self) -> int:
+        """How many classes a JSON record ranks: model.k for RankSeg, else at most 20."""
+        n_cls = int(self.config.model.n_cls)
+        return int(self.config.model.k) if self.rankseg else min(JSON_TOPK_NO_RANKSEG, n_cls)
 
     def top_classes(self, scores: np.ndarray) -> np.ndarray:
         """The ids of the JSON's top-k list: model.k for RankSeg, else at most 20."""

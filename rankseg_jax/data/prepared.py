@@ -41,10 +41,34 @@ def builder_name(dataset: str) -> str:
     return BUILDER_PREFIX + dataset
 
 
-def label_dtype(dataset: str) -> type[np.unsignedinteger]:
-    """uint8 when every class id and the ignore value fit in a byte, otherwise uint16."""
-    cls = reader_class(dataset)
-    return np.uint8 if max(cls.n_cls - 1, cls.ignore_index) <= 255 else np.uint16
+DEFINITION_FILE = "label_definition.json"  # a folder dataset's classes, beside dataset_info
+
+
+def label_dtype(dataset: str, definition: dict | None = None) -> type[np.unsignedinteger]:
+    """uint8 when every class id and the ignore value fit in a byte, otherwise uint16.
+
+    definition: a folder dataset's label definition (`FolderSource.definition()`), whose
+    class count and ignore value are per instance.
+    """
+    if definition is not None:
+        n_cls, ignore = int(definition["n_cls"]), int(definition["ignore_index"])
+    else:
+        cls = reader_class(dataset)
+        n_cls, ignore = cls.n_cls, cls.ignore_index
+    return np.uint8 if max(n_cls - 1, ignore) <= 255 else np.uint16
+
+
+def read_definition(version_dir: str) -> dict[str, Any]:
+    """The label definition a prepared folder dataset carries (written by the builder)."""
+    path = os.path.join(version_dir, DEFINITION_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetNotFoundError(
+            f"{path}: the prepared folder dataset has no readable label definition ({err}); "
+            "prepare it again with data/prepare_tfds.py --dataset=folder"
+        ) from None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
@@ -102,16 +126,26 @@ class PreparedSource:
         """
         cls = reader_class(dataset)
         self.dataset = dataset
-        self.n_cls = cls.n_cls
-        self._stored_ignore = cls.ignore_index
-        self.ignore_index = cls.ignore_index if ignore_index is None else int(ignore_index)
-        self.reduce_zero_label = cls.reduce_zero_label
-        self.class_names = cls.class_names
-        self.palette = cls.palette
-        self.label_bits = 8 if label_dtype(dataset) == np.uint8 else 16
-        self.split = cls.canonical_split(split)
         self.data_dir = resolve_data_dir(data_dir)
         self.root = prepared_dir(dataset, self.data_dir)
+        if dataset == "folder":  # the label definition was stored with the records
+            definition = read_definition(self.root)
+            self.n_cls = int(definition["n_cls"])
+            self._stored_ignore = int(definition["ignore_index"])
+            self.reduce_zero_label = bool(definition["reduce_zero_label"])
+            self.class_names = tuple(definition["class_names"])
+            self.palette = np.asarray(definition["palette"], np.uint8)
+            self.split = str(split)
+        else:
+            definition = None
+            self.n_cls = cls.n_cls
+            self._stored_ignore = cls.ignore_index
+            self.reduce_zero_label = cls.reduce_zero_label
+            self.class_names = cls.class_names
+            self.palette = cls.palette
+            self.split = cls.canonical_split(split)
+        self.ignore_index = self._stored_ignore if ignore_index is None else int(ignore_index)
+        self.label_bits = 8 if label_dtype(dataset, definition) == np.uint8 else 16
         self._records: Any = None
         self.num_examples = len(self._open())
 

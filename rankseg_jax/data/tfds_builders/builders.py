@@ -2,15 +2,19 @@
 
 Each builder (registered names `rankseg_ade20k`, `rankseg_coco_stuff10k`,
 `rankseg_coco_stuff164k`, `rankseg_pascal_context`, `rankseg_ade20k_full`,
-`rankseg_synthetic_ade20k`) reads the user's download from `manual_dir` (the same root that
-`data.root` names for the directory readers) through our reader of that dataset, so there is one
-source of truth for listing, pairing, label conversion and validation. Each example stores
+`rankseg_synthetic_ade20k`, `rankseg_folder`) reads the user's download from `manual_dir` (the
+same root that `data.root` names for the directory readers) through our reader of that
+dataset, so there is one source of truth for listing, pairing, label conversion and validation.
+Each example stores
 
     image: the image file's original bytes (decoding them gives exactly the reader's pixels),
     label: a PNG of the reader's class ids (uint8; uint16 for ADE20K-Full, ignore 65535),
     name:  the example's stem,
 
-in the reader's order (shuffling is disabled; keys keep the order). The files are written as
+in the reader's order (shuffling is disabled; keys keep the order). A folder dataset (your own
+data) writes every split folder present under both images/ and annotations/, and its label
+definition (classes, palette, ignore value: `FolderSource.definition()`) beside the records as
+`label_definition.json`, which `PreparedSource` reads. The files are written as
 array_record, which `tfds.data_source` reads with random access on every host, without
 TensorFlow. Writing needs tensorflow-datasets (and importlib_resources) but not TensorFlow.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import json
 import logging
 import os
 import sys
@@ -33,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from rankseg_jax.data import prepared
+from rankseg_jax.data import folder, prepared
 from rankseg_jax.data.base import SegmentationSource
 from rankseg_jax.data.readers import READERS, make_source
 from rankseg_jax.errors import DatasetError
@@ -80,14 +85,22 @@ class RankSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cls = self._reader_class()
-        label_dtype = prepared.label_dtype(self.DATASET)
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(
+        if self.DATASET == "folder":  # classes per instance: see label_definition.json
+            description = (
+                f"a folder dataset (your own data) prepared by rankseg_jax from its layout "
+                f"{cls.expected_tree}; classes, palette and ignore value in "
+                f"{prepared.DEFINITION_FILE}. image: original file bytes; label: PNG of class ids."
+            )
+        else:
+            label_dtype = prepared.label_dtype(self.DATASET)
+            description = (
                 f"{self.DATASET} ({cls.n_cls} classes, ignore {cls.ignore_index}) prepared by "
                 f"rankseg_jax from its directory layout {cls.expected_tree}. image: original "
                 f"file bytes; label: {np.dtype(label_dtype).name} PNG of class ids."
-            ),
+            )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=description,
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Tensor(shape=(), dtype=np.object_),
@@ -102,14 +115,15 @@ class RankSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
         root = str(dl_manager.manual_dir)
         out = {}
-        for split in self._reader_class().split_aliases:
+        for split in _splits(self.DATASET, root):
             source = make_source(self.DATASET, root, split)
             source.check_layout()
             out[split] = self._generate_examples(source)
         return out
 
     def _generate_examples(self, source: SegmentationSource) -> Iterator[tuple[int, dict]]:
-        dtype = prepared.label_dtype(self.DATASET)
+        definition = source.definition() if hasattr(source, "definition") else None
+        dtype = prepared.label_dtype(self.DATASET, definition)
         count = len(source)
         for i in range(count):
             example = source[i]  # decodes and validates, as training would
@@ -124,6 +138,13 @@ class RankSegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "name": example["name"],
                 },
             )
+
+
+def _splits(dataset: str, root: str | os.PathLike) -> list[str]:
+    """The splits a builder writes: the reader's, or a folder dataset's split folders."""
+    if dataset == "folder":
+        return folder.available_splits(root)
+    return list(READERS[dataset].split_aliases)
 
 
 def _builder(dataset: str) -> type[RankSegBuilder]:
@@ -153,8 +174,12 @@ def prepare(dataset: str, root: str | os.PathLike, data_dir: str | os.PathLike |
             "preparing a TFDS dataset needs the importlib_resources package "
             "(in requirements.txt): pip install importlib_resources"
         )
-    for split in READERS[dataset].split_aliases:
-        make_source(dataset, root, split).check_layout()
+    splits = _splits(dataset, root)
+    if not splits:
+        raise DatasetError(f"{root}: no split folder under both images/ and annotations/")
+    sources = [make_source(dataset, root, split) for split in splits]
+    for source in sources:
+        source.check_layout()
     root = os.path.abspath(os.fspath(root))
     data_dir = prepared.resolve_data_dir(data_dir)
     builder = BUILDERS[dataset](data_dir=data_dir, file_format="array_record")
@@ -163,6 +188,10 @@ def prepare(dataset: str, root: str | os.PathLike, data_dir: str | os.PathLike |
             download_dir=scratch,
             download_config=tfds.download.DownloadConfig(manual_dir=root, try_download_gcs=False),
         )
+    if dataset == "folder":  # the classes live on the instance: store them with the records
+        path = os.path.join(str(builder.data_dir), prepared.DEFINITION_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(sources[0].definition(), f, indent=1)
     return str(builder.data_dir)
 
 
