@@ -59,18 +59,28 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     del argv
+    if _PARSE_ERRORS:
+        print(f"error: {_PARSE_ERRORS[0]}", file=sys.stderr)
+        return 2
+    launch = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    return run_mode(FLAGS.config, FLAGS.mode, FLAGS.workdir, FLAGS.distributed, launch)
+
+
+def run_mode(config, mode: str | None, workdir: str, distributed_mode: str = "off",
+             launch: tuple = (None, None, None)) -> int:  # fmt: skip
+    """Validate `config` and run `mode` (None: config.mode) in `workdir`: the exit status.
+
+    The one place a UserError becomes one `error: ...` line on stderr and status 2 (main()
+    calls it after parsing the flags; tests call it in-process).
+    """
     try:
-        if _PARSE_ERRORS:
-            raise _PARSE_ERRORS[0]
-        config = FLAGS.config
-        mode = FLAGS.mode or config.mode
+        mode = mode or config.mode
         config_lib.validate(config)
         if mode in ("train", "eval"):  # clu's writers import TensorFlow: keep it off the GPUs
             evaluation.hide_gpus_from_tensorflow()
-        launch = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        logging.info(distributed.maybe_initialize(FLAGS.distributed, *launch))  # before other JAX
-        logging.info("mode=%s workdir=%s", mode, FLAGS.workdir)
-        return MODES[mode](config, FLAGS.workdir)
+        logging.info(distributed.maybe_initialize(distributed_mode, *launch))  # before other JAX
+        logging.info("mode=%s workdir=%s", mode, workdir)
+        return MODES[mode](config, workdir)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
