@@ -33,15 +33,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from rankseg_jax.data import imageio
 from rankseg_jax.data.base import SegmentationSource
 from rankseg_jax.data.palette import generic_palette
-from rankseg_jax.errors import DatasetError, DatasetNotFoundError
+from rankseg_jax.errors import CorruptDataError, DatasetError, DatasetNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
@@ -362,14 +365,30 @@ class FolderSource(SegmentationSource):
         image = imageio.read_image(image_path)
         raw, mode = imageio.read_label(label_path)
         self._check_mode(raw, mode, label_path)
-        if raw.shape[:2] != image.shape[:2]:
-            transposed = raw.shape[:2] == image.shape[1::-1]
-            hint = "; the sizes are transposed (an EXIF orientation tag?)" if transposed else ""
-            raise DatasetError(
-                f"{label_path}: label size {raw.shape[0]}x{raw.shape[1]} (HxW) differs from "
-                f"image size {image.shape[0]}x{image.shape[1]} (HxW) of {image_path}{hint}"
-            )
+        _check_size(raw.shape[:2], image.shape[:2], label_path, image_path)
         return {"image": image, "label": self.convert_label(raw, label_path), "name": stem}
+
+    def check_examples(self, progress: bool = True, skip_corrupt: bool = False) -> None:
+        """Every label decoded and checked (mode, values or colours, size against the image's
+        header) before anything is built, so a bad mask stops a run in seconds, not after the
+        model compiled. Images are not decoded (their size is read from the file header, EXIF
+        rotation applied as OpenCV does). Raises the reader's one-line DatasetError for the
+        first bad example; unreadable files are left to the pipeline with `skip_corrupt`."""
+        bar = tqdm(range(len(self)), desc=f"check labels ({self.split})", unit="label",
+                   disable=not progress, file=sys.stderr)  # fmt: skip
+        for index in bar:
+            image_path, label_path = self.paths(index)
+            try:
+                raw, mode = imageio.read_label(label_path)
+            except CorruptDataError:
+                if skip_corrupt:
+                    continue
+                raise
+            self._check_mode(raw, mode, label_path)
+            size = _header_size(image_path)
+            if size is not None:
+                _check_size(raw.shape[:2], size, label_path, image_path)
+            self.convert_label(raw, label_path)
 
     def load_label(self, index: int) -> np.ndarray:
         """The (H, W) int32 class-id label of example `index` alone (no image decoded)."""
@@ -437,6 +456,32 @@ class FolderSource(SegmentationSource):
         return (
             f"{zero}{lo}..{hi} = the classes of {self.classes_source}, {self.ignore_index} = ignore"
         )
+
+
+def _check_size(label_hw: tuple, image_hw: tuple, label_path: str, image_path: str) -> None:
+    if tuple(label_hw) != tuple(image_hw):
+        transposed = tuple(label_hw) == tuple(image_hw)[::-1]
+        hint = "; the sizes are transposed (an EXIF orientation tag?)" if transposed else ""
+        raise DatasetError(
+            f"{label_path}: label size {label_hw[0]}x{label_hw[1]} (HxW) differs from "
+            f"image size {image_hw[0]}x{image_hw[1]} (HxW) of {image_path}{hint}"
+        )
+
+
+EXIF_ORIENTATION = 0x0112
+EXIF_TRANSPOSING = (5, 6, 7, 8)  # orientations that swap height and width
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(H, W) of an image as OpenCV's IMREAD_COLOR decodes it, from the header only; None when
+    Pillow cannot read the header (the pipeline then reports the file)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return (w, h) if orientation in EXIF_TRANSPOSING else (h, w)
 
 
 def folder_labels(

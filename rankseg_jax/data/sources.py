@@ -26,7 +26,8 @@ def source_from_config(
 
     With `data.generate_if_missing` (the demo configs) the generated ADE20K-format dataset is
     written first when it is missing or was generated with other `data.synthetic_*` settings,
-    so evaluation and training on the demo need no download. The layout (pairing) is checked.
+    so evaluation and training on the demo need no download. The layout (pairing) is checked;
+    a folder dataset's labels are all decoded and checked too (`FolderSource.check_examples`).
     `data.reduce_zero_label` and `data.ignore_index` set the label conversion.
     Raises DatasetNotFoundError with the path and the config key for a missing dataset.
     """
@@ -74,4 +75,6 @@ def source_from_config(
             opts.setdefault("split_list", split_list[split])
     source = make_source(data.dataset, data.root, name, **opts)
     source.check_layout()
+    if data.dataset == "folder":  # your own labels: every one checked before the model
+        source.check_examples(skip_corrupt=bool(data.get("skip_corrupt", False)))
     return source
