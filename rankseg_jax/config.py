@@ -106,6 +106,7 @@ def schema() -> dict[str, Any]:
             # command line). The weighted CE is torch's F.cross_entropy(weight=...) mean.
             class_weight="",
             dice_weight=0.0,  # > 0 adds mmseg's DiceLoss (loss_weight = dice_weight)
+            aux_weight=0.4,  # auxiliary head CE (conv families; mmseg's FCNHead loss_weight)
         ),
         eval=dict(
             mode="slide",
@@ -226,7 +227,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode!r} is not one of {', '.join(MODES)}")
     segmenter.check_config(m)
-    _multiple_of(d.crop_size, m.patch_size, "data.crop_size")
+    _multiple_of(d.crop_size, registry.ENCODERS[m.encoder].size_multiple(m), "data.crop_size")
     if d.dataset not in readers.READERS:
         known = ", ".join(readers.READERS)
         raise ConfigError(f"unknown data.dataset {d.dataset!r}; known: {known}")

@@ -175,3 +175,24 @@ def test_weighted_seg_loss_dispatch_and_uniform_weights_match_unweighted():
     assert float(per_image[1]) == pytest.approx(float(alone), rel=1e-6)
     whole = losses.weighted_slot_ce(logits, labels, topk, weight, IGNORE)
     assert float(batch) == pytest.approx(float(whole), rel=1e-6)
+
+
+def test_auxiliary_head_ce_takes_the_class_weights(torch):
+    """The conv families' auxiliary CE (× aux_weight) is class-weighted like the decode head's:
+    the batch value is torch's weighted mean over the batch, per image each image's own."""
+    logits, labels, weight = _case(5, c=4)
+    aux, _, _ = _case(6, c=4)
+    cfg = dict(img_loss="none", seg_loss_weight=1.0, aux_weight=0.4)
+    outputs = dict(masks=jnp.asarray(logits), topk=None, aux_masks=jnp.asarray(aux))
+    _, metrics = losses.segmentation_losses(outputs, labels, cfg, 4, IGNORE, class_weight=weight)
+    ce = torch.nn.functional.cross_entropy
+    x = torch.tensor(aux).permute(0, 3, 1, 2)
+    y, w = torch.tensor(labels).long(), torch.tensor(weight)
+    ref = 0.4 * ce(x, y, weight=w, ignore_index=IGNORE).item()
+    assert float(metrics["aux.loss_seg"]) == pytest.approx(ref, rel=1e-6)
+    _, unweighted = losses.segmentation_losses(outputs, labels, cfg, 4, IGNORE)
+    ref_plain = 0.4 * ce(x, y, ignore_index=IGNORE, reduction="none").mean().item()
+    assert float(unweighted["aux.loss_seg"]) == pytest.approx(ref_plain, rel=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(
+        float(metrics["decode.loss_seg"]) + float(metrics["aux.loss_seg"]), rel=1e-6
+    )
