@@ -291,13 +291,15 @@ def run_evaluation(
     results.update(extra or {})
     table = format_report(results)
     confusion = scorer.confusion.matrix
-    figures = None
-    if writer is not None or (workdir is not None and jax.process_index() == 0):
+    figures = []  # drawn once, on process 0 (the only one that writes events and files)
+    if jax.process_index() == 0 and (writer is not None or workdir is not None):
         figures = _figures(results, confusion, getattr(source, "palette", None), step)
     if writer is not None:
         writer.write_scalars(step, scalars(results))
         writer.write_texts(step, {"eval/table": "```\n" + table + "\n```"})
-        writer.write_images(step, {k: visualize.figure_to_array(f)[None] for k, f in figures})
+        if figures:
+            images = {tag: visualize.figure_to_array(fig)[None] for tag, fig in figures}
+            writer.write_images(step, images)
         writer.flush()
     if workdir is not None and jax.process_index() == 0:
         scorer.confusion.save(confusion_path(workdir, step))

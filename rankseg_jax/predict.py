@@ -79,8 +79,8 @@ def find_images(spec: str) -> list[pathlib.Path]:
         raise InputError(f"predict.input={spec}: no such file or folder")
     if not found:
         raise InputError(
-            f"predict.input: no images or videos in {where} (looked for "
-            f"{', '.join(IMAGE_SUFFIXES + video.VIDEO_SUFFIXES)})"
+            f"predict.input: no images in {where} (looked for images "
+            f"{', '.join(IMAGE_SUFFIXES)} and videos {', '.join(video.VIDEO_SUFFIXES)})"
         )
     return found
 
