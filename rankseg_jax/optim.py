@@ -31,13 +31,12 @@
   (torch.nn.utils.clip_grad_norm_ before optimizer.step; the reference uses none).
 * `optimizer.grad_accum_steps` = n > 1 wraps everything in `optax.MultiSteps`: call `update`
   once per micro-batch; every n-th call applies one update on the MEAN of the n gradients
-  (clip, weight decay and the lr schedule see that mean and count real updates only; the
-  other calls return zero updates). `total_steps` then counts real updates, so a run of T
-  optimiser steps makes n·T `update` calls. The opt state holds one accumulated gradient.
-  (The BEiT recipe's `update_interval=2`: mmcv's lr hook counts micro-iterations, so the
-  official k-th update uses the lr of iteration 2k + 1 of 2T, warm-up 2W iterations; with
-  total_steps = T and warmup_steps = W here the k-th update uses t = k: the same curve,
-  half an update earlier — a relative lr difference ≤ 1/(2(T − k)) after the warm-up.)
+  (clip and weight decay see that mean; the other calls return zero updates). As mmcv's
+  runner with the BEiT recipe's `DistOptimizerHook(update_interval=n)`, `total_steps` and
+  `schedule.warmup_steps` count ITERATIONS (micro-batches) and the u-th update (0-based)
+  uses the lr of iteration n·u + n − 1, the iteration that steps the optimiser; so a run of
+  total_steps iterations makes total_steps / n updates along the whole schedule. The opt
+  state holds one accumulated gradient.
 """
 
 from __future__ import annotations
@@ -268,7 +267,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], ja
 
 
 def group_learning_rates(params: Any, config: ml_collections.ConfigDict, count: int) -> Any:
-    """The lr every leaf of `params` gets at update `count` (a tree of floats; for logs and
+    """The lr every leaf of `params` gets at iteration `count` (a tree of floats; for logs and
     tests): the group schedule at that leaf's multiplier."""
     group = _group_schedule(config)
     return jax.tree.map(lambda m: float(group(count, m)), param_groups(params, config)["lr_mult"])
@@ -301,9 +300,12 @@ def _add_group_decay(groups_fn: Callable[[Any], dict]) -> optax.GradientTransfor
 
 
 def _scale_by_group_lr(
-    schedule: Callable[[jax.Array, float], jax.Array], groups_fn: Callable[[Any], dict]
+    schedule: Callable[[jax.Array, float], jax.Array],
+    groups_fn: Callable[[Any], dict],
+    accum_steps: int = 1,
 ) -> optax.GradientTransformation:
-    """updates ← −lr_leaf(t)·updates, lr_leaf = schedule(count, m_leaf); state: the count."""
+    """updates ← −lr_leaf(t)·updates, lr_leaf = schedule(t, m_leaf), t = n·count + n − 1 the
+    iteration of this update (n = accum_steps; count = updates done); state: the count."""
 
     def init_fn(params):
         del params
@@ -313,7 +315,8 @@ def _scale_by_group_lr(
         if params is None:
             raise ValueError("per-leaf lr needs the params: call update(grads, state, params)")
         mults = groups_fn(params)["lr_mult"]
-        rates = {m: schedule(state.count, m) for m in set(jax.tree.leaves(mults))}
+        iteration = accum_steps * state.count + (accum_steps - 1)
+        rates = {m: schedule(iteration, m) for m in set(jax.tree.leaves(mults))}
         updates = jax.tree.map(lambda u, m: -rates[m].astype(u.dtype) * u, updates, mults)
         return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
@@ -373,7 +376,7 @@ def make_optimizer(
     else:
         b1, b2 = (float(b) for b in opt.betas)
         chain = [optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8), decay]
-    chain.append(_scale_by_group_lr(schedule, groups_fn))
+    chain.append(_scale_by_group_lr(schedule, groups_fn, int(opt.grad_accum_steps)))
     if opt.grad_clip_norm > 0:
         chain.insert(0, optax.clip_by_global_norm(float(opt.grad_clip_norm)))
     tx = optax.chain(*chain)

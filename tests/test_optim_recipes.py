@@ -295,6 +295,30 @@ def test_adamw_steps_match_torch_groups(torch, official_names, backbone):
         assert err <= 2e-5 * np.abs(theirs).max(), f"{n}: {err:.3g} of {np.abs(theirs).max():.3g}"
 
 
+def test_accumulated_updates_take_the_lr_of_the_iteration_that_applies_them():
+    """BEiT recipe: update_interval 2 under mmcv's runner; the u-th update steps the optimiser
+    at iteration 2u + 1 of max_iters (320k, warm-up 3000), with that iteration's lr. Plain SGD
+    without momentum on a constant gradient makes each applied update −lr(t)·g exactly."""
+    config = recipe_config(
+        optimizer=dict(name="sgd", lr=0.5, momentum=0.0, decay_mult=(), grad_accum_steps=2),
+        schedule=dict(power=1.0, min_lr=0.0, warmup_steps=6, warmup_ratio=1e-6),
+        total_steps=20,
+    )
+    params = {"w": np.ones((3,), np.float32)}
+    grad = {"w": np.full((3,), 2.0, np.float32)}
+    tx = optim.make_optimizer(config)
+    state, update = tx.init(params), jax.jit(tx.update)
+    applied = []
+    for _ in range(20):  # 20 iterations = 10 updates
+        updates, state = update(grad, state, params)
+        applied.append(float(updates["w"][0]))
+    assert applied[0::2] == [0.0] * 10  # the first micro-batch of each pair only accumulates
+    for u, value in enumerate(applied[1::2]):
+        want = -2.0 * mmcv_lr(0.5, 2 * u + 1, 20, 1.0, 0.0, 6, 1e-6)
+        assert value == pytest.approx(want, rel=1e-6, abs=1e-12), u
+    assert float(optim.make_schedule(config)(19)) == pytest.approx(0.5 * (1 - 19 / 20), rel=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Config errors
 # --------------------------------------------------------------------------------------------
