@@ -106,6 +106,7 @@ def schema() -> dict[str, Any]:
             clip=0.05,
             eps=1e-5,
             seg_loss_weight=1.0,
+            aux_weight=0.4,  # auxiliary head CE (conv families; mmseg's FCNHead loss_weight)
         ),
         eval=dict(
             mode="slide",
@@ -225,7 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode!r} is not one of {', '.join(MODES)}")
     segmenter.check_config(m)
-    _multiple_of(d.crop_size, m.patch_size, "data.crop_size")
+    _multiple_of(d.crop_size, registry.ENCODERS[m.encoder].size_multiple(m), "data.crop_size")
     if d.dataset not in readers.READERS:
         known = ", ".join(readers.READERS)
         raise ConfigError(f"unknown data.dataset {d.dataset!r}; known: {known}")

@@ -380,7 +380,30 @@ def segmentation_losses(
     has_aux=True)`.
     """
     terms = loss_terms(outputs, labels, loss_config, n_cls, ignore_index)
+    if outputs.get("aux_masks") is not None:
+        weight = float(loss_config["aux_weight"])
+        terms = with_aux_terms(terms, outputs["aux_masks"], labels, weight)
     return terms.total, terms.metrics
+
+
+def with_aux_terms(
+    terms: LossTerms, aux_masks: jax.Array, labels: jax.Array, weight: float
+) -> LossTerms:
+    """`terms` plus the auxiliary head's `aux.loss_seg` (weight × pixel CE, mmseg's FCNHead
+    auxiliary loss) and `aux.acc_seg`; `loss` includes it.
+
+    aux_masks (B, h, w, n_cls) logits, upsampled to the labels (B, H, W) as the decode head's.
+    """
+    metrics, per_image = dict(terms.metrics), dict(terms.per_image)
+    total, total_per_image = metrics.pop("loss"), per_image.pop("loss")
+    aux = upsample_logits(aux_masks, labels.shape[1:])
+    labels = labels.astype(jnp.int32)
+    ce = weight * jnp.mean(pixel_ce_map(aux, labels), axis=(1, 2))
+    acc = 100.0 * jnp.mean(correct_pixels(aux, labels).astype(jnp.float32), axis=(1, 2))
+    per_image["aux.loss_seg"], per_image["aux.acc_seg"] = ce, acc
+    metrics["aux.loss_seg"], metrics["aux.acc_seg"] = jnp.mean(ce), jnp.mean(acc)
+    metrics["loss"], per_image["loss"] = total + metrics["aux.loss_seg"], total_per_image + ce
+    return LossTerms(total=metrics["loss"], metrics=metrics, per_image=per_image)
 
 
 # --------------------------------------------------------------------------------------------

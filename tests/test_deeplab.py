@@ -108,7 +108,7 @@ def test_eval_forward_matches_official(loaded, official_family, size):
         assert _rel(_nchw(out["masks"]), ref["masks_topk"]) <= TOL
     else:
         assert out["topk"] is None and out["img_logits"] is None
-    assert out["aux"] is None  # the auxiliary head runs in training only
+    assert out["aux_masks"] is None  # the auxiliary head runs in training only
     logits = jax.jit(lambda v, im: model.apply(v, im, method="encode_decode"))(variables, x)
     assert logits.shape == (*x.shape[:3], N_CLS)
     if "seg_logits_img0" in ref.files:

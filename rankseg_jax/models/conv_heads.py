@@ -17,6 +17,11 @@ The n_cls canvas filled with −100 is `segmenter.scatter_to_classes` (inference
 * `RankSegEncoderHead`: the image-level head (adaptive pool → depthwise-separable 1×1
   projection → one transformer block over [tokens, class embeddings] → LayerNorm →
   group-wise linear → (B, n_cls)).
+
+Registry plumbing shared by every conv decode-head component (models/aspp.py; UperNet's the
+same way): `CONV_HEAD_CONFIG` (the `config.model` keys `conv_head` and `rankseg_img_head`),
+`check_conv_head`, `rankseg_settings` (the classifier → the heads' `rankseg` field) and
+`build_aux` (the FCN auxiliary head).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.conv import CONV_SEG_INIT, Conv2d, ConvModule, DepthwiseSeparableConvModule
 from rankseg_jax.models.heads import GroupWiseLinear, adaptive_avg_pool, flatten
 from rankseg_jax.models.layers import DecoderBlock, layer_norm
@@ -34,6 +40,26 @@ from rankseg_jax.models.layers import DecoderBlock, layer_norm
 Dtype = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+# `config.model` keys of the conv decode heads (defaults: the full-size DeepLabV3 R101-d8 +
+# RankSeg of the official fork; UperNet recipes set theirs). Dropout2d before the classifier
+# is `model.dropout`; the auxiliary loss weight is `loss.aux_weight`.
+CONV_HEAD_CONFIG: dict[str, Any] = dict(
+    conv_head=dict(
+        channels=512,  # decode-head width (= the RankSeg hidden size)
+        auxiliary=True,  # FCN auxiliary head (training only)
+        aux_channels=256,
+        aux_in_index=2,  # stage 3 of the backbone
+        aux_num_convs=1,
+    ),
+    rankseg_img_head=dict(
+        n_heads=8,
+        d_ff=2048,
+        dropout=0.1,
+        downsample=16,  # adaptive pool of the image-level input; 0 = none
+        share_embedding=True,  # class embeddings shared with the pixel classifier
+    ),
+)
 # torch trunc_normal_(std=0.02) with absolute ±2 bounds: effectively N(0, 0.02²).
 EMB_INIT = nn.initializers.normal(0.02)
 
@@ -210,3 +236,54 @@ class FCNHead(nn.Module):
                 name=f"convs_{i}",
             )(x, train)
         return conv_seg(self, x, self.n_cls, self.dropout, train)
+
+
+def check_conv_head(m: Any) -> None:
+    """ConfigError (naming the key) for conv-head settings that cannot work."""
+    if m.classifier not in ("full", "rankseg"):
+        raise ConfigError(
+            f"model.classifier={m.classifier!r}: the {m.decode_head} head has 'full' or 'rankseg'"
+        )
+    h, r = m.conv_head, m.rankseg_img_head
+    for key in ("channels", "aux_channels", "aux_num_convs"):
+        if h[key] < 1:
+            raise ConfigError(f"model.conv_head.{key}={h[key]} must be at least 1")
+    if m.classifier == "rankseg" and h.channels % r.n_heads:
+        raise ConfigError(
+            f"model.rankseg_img_head.n_heads={r.n_heads} must divide "
+            f"model.conv_head.channels={h.channels}"
+        )
+    if r.downsample < 0:
+        raise ConfigError(f"model.rankseg_img_head.downsample={r.downsample} must be ≥ 0")
+
+
+def rankseg_settings(m: Any) -> dict | None:
+    """The heads' `rankseg` field for `config.model`: None (classifier 'full') or dict(k,
+    img_head) with the image-level head as wide as the decode head (hidden = channels)."""
+    if m.classifier != "rankseg":
+        return None
+    r = m.rankseg_img_head
+    img_head = dict(
+        hidden=int(m.conv_head.channels),
+        n_heads=int(r.n_heads),
+        d_ff=int(r.d_ff),
+        dropout=float(r.dropout),
+        downsample=int(r.downsample) or None,
+        share_embedding=bool(r.share_embedding),
+    )
+    return dict(k=int(m.k), img_head=img_head)
+
+
+def build_aux(m: Any, in_width: Any, dtype: Dtype) -> FCNHead | None:
+    """The FCN auxiliary head of `config.model` (None when `conv_head.auxiliary` is off)."""
+    h = m.conv_head
+    if not h.auxiliary:
+        return None
+    return FCNHead(
+        m.n_cls,
+        int(h.aux_channels),
+        num_convs=int(h.aux_num_convs),
+        dropout=float(m.dropout),
+        in_index=int(h.aux_in_index),
+        dtype=dtype,
+    )

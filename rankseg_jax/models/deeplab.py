@@ -4,9 +4,11 @@ mmseg's `EncoderDecoder`: backbone → decode head (+ auxiliary head in training
 SyncBN semantics (rankseg_jax/models/conv.py). Variables: `params` and `batch_stats`; a train
 forward must be applied with `mutable=['batch_stats']` (and an rng 'dropout' when dropout > 0).
 
-Output dict (see conv_heads): masks (B, h, w, k), topk, img_logits, plus `aux` (B, h', w',
-n_cls) logits of the auxiliary head (training only; None at eval) and `features` (the four
-backbone outputs, NHWC). `encode_decode` gives inference logits at the input size.
+The model is a multi-level `Segmenter` (models/segmenter.py), the one the config registry
+builds from `encoder='resnet'`, `decode_head='aspp'` (configs/deeplabv3.py). Output dict (see
+conv_heads): masks (B, h, w, k), topk, img_logits, plus `aux_masks` (B, h', w', n_cls) logits
+of the auxiliary head (training only; None at eval) and `features` (the four backbone outputs,
+NHWC). `encode_decode` gives inference logits at the input size.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from rankseg_jax import losses
 from rankseg_jax.models.conv_heads import ASPPHead, FCNHead
 from rankseg_jax.models.resnet import ResNetV1c
-from rankseg_jax.models.segmenter import resize_bilinear, scatter_to_classes
+from rankseg_jax.models.segmenter import Segmenter
 
 Dtype = Any
 
@@ -38,29 +39,9 @@ RANKSEG_LOSS = dict(
 )
 
 
-class DeepLabV3(nn.Module):
-    """backbone + ASPP decode head (+ FCN aux head); images (B, H, W, 3) normalised, NHWC."""
-
-    backbone: ResNetV1c
-    decode_head: ASPPHead
-    auxiliary_head: FCNHead | None
-    n_cls: int
-
-    def __call__(self, images: jax.Array, train: bool = False) -> dict:
-        feats = self.backbone(images, train)
-        out = dict(self.decode_head(feats, train))
-        aux = None
-        if self.auxiliary_head is not None and (train or self.is_initializing()):
-            aux = self.auxiliary_head(feats, train)
-        out["aux"] = aux if train else None
-        out["features"] = feats
-        return out
-
-    def encode_decode(self, images: jax.Array) -> jax.Array:
-        """Inference logits (B, H, W, n_cls) float32 at the input size (−100 off the top-k)."""
-        out = self(images, False)
-        logits = scatter_to_classes(out["masks"].astype(jnp.float32), out["topk"], self.n_cls)
-        return resize_bilinear(logits, images.shape[1:3])
+# DeepLabV3 is a multi-level `Segmenter` (backbone, decode_head, auxiliary_head): the same
+# module the config registry builds (encoder `resnet`, decode head `aspp`).
+DeepLabV3 = Segmenter
 
 
 def deeplabv3(
@@ -114,6 +95,7 @@ def deeplabv3(
         decode_head=ASPPHead(n_cls, channels, tuple(dilations), dropout, rankseg, **kw),
         auxiliary_head=FCNHead(n_cls, aux_channels, dropout=dropout, **kw) if auxiliary else None,
         n_cls=n_cls,
+        multi_level=True,
     )
 
 
@@ -142,21 +124,13 @@ def deeplab_loss_terms(
     ignore_index: int = 255,
 ) -> losses.LossTerms:
     """The decode head's terms (`losses.loss_terms`: CE on slots/classes, ASL × weight, top-k
-    metrics) plus `aux.loss_seg` (CE × aux_weight) and `aux.acc_seg`; `loss` sums the losses.
+    metrics) plus `aux.loss_seg` (CE × aux_weight) and `aux.acc_seg` (`losses.with_aux_terms`,
+    what training's `losses.segmentation_losses` adds); `loss` sums the losses.
 
     outputs: a train forward of DeepLabV3; labels (B, H, W) int.
     """
     cfg = RANKSEG_LOSS if loss_config is None else loss_config
     terms = losses.loss_terms(outputs, labels, cfg, n_cls, ignore_index)
-    metrics, per_image = dict(terms.metrics), dict(terms.per_image)
-    total, total_per_image = metrics.pop("loss"), per_image.pop("loss")
-    if outputs.get("aux") is not None:
-        aux = losses.upsample_logits(outputs["aux"], labels.shape[1:])
-        labels = labels.astype(jnp.int32)
-        ce = aux_weight * jnp.mean(losses.pixel_ce_map(aux, labels), axis=(1, 2))
-        acc = 100.0 * jnp.mean(losses.correct_pixels(aux, labels).astype(jnp.float32), (1, 2))
-        per_image["aux.loss_seg"], per_image["aux.acc_seg"] = ce, acc
-        metrics["aux.loss_seg"], metrics["aux.acc_seg"] = jnp.mean(ce), jnp.mean(acc)
-        total, total_per_image = total + metrics["aux.loss_seg"], total_per_image + ce
-    metrics["loss"], per_image["loss"] = total, total_per_image
-    return losses.LossTerms(total=total, metrics=metrics, per_image=per_image)
+    if outputs.get("aux_masks") is None:
+        return terms
+    return losses.with_aux_terms(terms, outputs["aux_masks"], labels, aux_weight)

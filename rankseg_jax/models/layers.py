@@ -192,3 +192,31 @@ class DecoderBlock(nn.Module):
             layer_norm(1e-5, "norm2")(x), deterministic
         )
         return x + DropPath(self.drop_path)(y, deterministic)
+
+
+CANVAS_FILL = -100.0
+
+
+def scatter_to_classes(masks: jax.Array, topk: jax.Array | None, n_cls: int) -> jax.Array:
+    """Scatter slot logits (B, h, w, k) into (B, h, w, n_cls) filled with exactly −100.
+
+    Slot j goes to channel topk[b, j]; negative ids (padded GT slots) are dropped. With
+    topk None (baseline) the masks already are in class order and are returned as they are.
+    """
+    if topk is None:
+        return masks
+    ids = jnp.where(topk < 0, n_cls, topk)
+
+    def one(m, idx):
+        canvas = jnp.full(m.shape[:-1] + (n_cls,), CANVAS_FILL, m.dtype)
+        return canvas.at[:, :, idx].set(m, mode="drop")
+
+    return jax.vmap(one)(masks, ids)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Resize (B, h, w, C) to (B, H, W, C) like torch bilinear with align_corners=False."""
+    if tuple(x.shape[1:3]) == tuple(size):
+        return x
+    shape = (x.shape[0], *size, x.shape[-1])
+    return jax.image.resize(x, shape, method="linear", antialias=False)

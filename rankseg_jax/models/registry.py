@@ -9,18 +9,34 @@ Component contract (what a new backbone or head module provides; then add ONE li
     check_config(m)        raise errors.ConfigError (one line naming the key) for settings
                            that cannot work; runs in config.validate, before anything compiles.
     build(m, dtype)        encoders: a flax Module, `module(images (B, H, W, 3), train)` →
-                           features (B, h, w, C), or (features, class tokens (B, n_cls, C)).
-    out_width(m)           encoders: C (or a tuple of widths, for multi-level heads).
+                           features (B, h, w, C), or (features, class tokens (B, n_cls, C));
+                           a multi-level encoder returns its stage outputs (fine → coarse).
+    out_width(m)           encoders: C, or a tuple of the stage widths — a tuple makes the
+                           model multi-level (conv-family heads, `Segmenter.multi_level`).
+    size_multiple(m)       encoders: what training crops must be a multiple of (ViT: patch).
     build(m, in_width, dtype)
-                           decode heads: a flax Module, `module(feats, cls_tokens, train,
-                           gt_labels)` → {"masks": (B, h, w, k), "topk": (B, k) int32 or
-                           None, "img_logits": (B, n_cls) float32 or absent}; the
+                           decode heads: a flax Module → {"masks": (B, h, w, k), "topk": (B, k)
+                           int32 or None, "img_logits": (B, n_cls) float32 or None}; the
                            `classifier` decides k and topk (full: k = n_cls, topk None;
-                           rankseg: image-level top-k; gt: the label's classes). An
-                           auxiliary head adds "aux_masks" (B, h, w, n_cls).
+                           rankseg: image-level top-k; gt: the label's classes). Called as
+                           `module(feats, cls_tokens, train, gt_labels)`, or, after a
+                           multi-level encoder, `module(stage_outputs, train)`.
+    build_aux(m, in_width, dtype)
+                           decode heads, optional: the auxiliary head (or None), called like
+                           a multi-level head → (B, h, w, n_cls) logits; the model adds them
+                           as "aux_masks" in training (loss: `loss.aux_weight` × CE).
+    STATE_DICT             decode heads, optional: a module with `state_dict_to_variables(sd,
+                           expected, source)` / `variables_to_state_dict(variables)` (mmseg
+                           `.pth` layout of the whole model, e.g. convert/mmseg_conv.py); absent
+                           = the Segmenter layout (convert/mmseg.py).
+
+A family is one component file (CONFIG keys nested under the family name) plus one line below;
+models/aspp.py and models/resnet.py are the DeepLabV3 example (UperNet plugs in the same way:
+its encoders return stage tuples, its head calls `conv_heads.rankseg_settings` / `build_aux`).
 
 BatchNorm families: a component may use `batch_stats`; the train state keeps every non-param
-collection in `TrainState.model_state` (empty for Segmenter), so no other file changes.
+collection in `TrainState.model_state` (empty for Segmenter), checkpointed with it; `Segmentor`
+evaluates with the same collections (running statistics, train=False).
 Today's Segmenter (vit + mask_transformer) keeps its parameter names: `backbone/...`,
 `decode_head/...` (checkpoints and the mmseg/PyTorch interop depend on them).
 """
@@ -30,13 +46,15 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from rankseg_jax.models import heads, vit
+from rankseg_jax.models import aspp, heads, resnet, vit
 
 ENCODERS: dict[str, types.ModuleType] = {
     "vit": vit,
+    "resnet": resnet,
 }
 DECODE_HEADS: dict[str, types.ModuleType] = {
     "mask_transformer": heads,
+    "aspp": aspp,
 }
 CLASSIFIERS = ("full", "rankseg", "gt")
 
@@ -50,3 +68,13 @@ def config_defaults() -> dict[str, Any]:
                 raise ValueError(f"model.{key}: components disagree on its default")
             merged[key] = value
     return merged
+
+
+def is_multi_level(m) -> bool:
+    """True for encoders that return stage tuples (the conv families)."""
+    return isinstance(ENCODERS[m.encoder].out_width(m), tuple)
+
+
+def state_dict_module(m) -> types.ModuleType | None:
+    """The decode head's mmseg `.pth` converter module (`STATE_DICT`), None for Segmenter's."""
+    return getattr(DECODE_HEADS[m.decode_head], "STATE_DICT", None)

@@ -12,6 +12,9 @@ Names mirror the state dict: `stem_0`/`stem_1` ↔ `stem.0`/`stem.1`, `layer1_0/
 
 images (B, H, W, 3) → four stage outputs (B, H/4, W/4, 4C₀), (B, H/8, W/8, 8C₀), and, for d8,
 (B, H/8, W/8, 16C₀), (B, H/8, W/8, 32C₀) with C₀ = base_channels (64 for the real model).
+
+Registry component `resnet` (models/registry.py): `CONFIG` (`config.model.resnet`), `check_config`,
+`build`, `out_width` (the four stage widths: a multi-level encoder).
 """
 
 from __future__ import annotations
@@ -21,12 +24,26 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.conv import BatchNorm, Conv2d
 
 Dtype = Any
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+# `config.model.resnet`: mmseg's `deeplabv3_r50-d8.py` backbone (depth 101 for the R-101 rows).
+CONFIG: dict[str, Any] = dict(
+    resnet=dict(
+        depth=101,
+        stem_channels=64,
+        base_channels=64,
+        strides=(1, 2, 1, 1),
+        dilations=(1, 1, 2, 4),
+        contract_dilation=True,
+    )
+)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
@@ -129,3 +146,42 @@ class ResNetV1c(nn.Module):
                 in_channels = 4 * planes
             outs.append(x)
         return tuple(outs)
+
+
+def check_config(m: ml_collections.ConfigDict) -> None:
+    """ConfigError (naming the key) for ResNet settings that cannot work."""
+    r = m.resnet
+    if r.depth not in DEPTHS:
+        raise ConfigError(f"model.resnet.depth={r.depth} is not one of {sorted(DEPTHS)}")
+    for key in ("strides", "dilations"):
+        if len(r[key]) != 4 or min(r[key]) < 1:
+            raise ConfigError(f"model.resnet.{key}={tuple(r[key])}: four values ≥ 1")
+    if r.stem_channels < 2 or r.stem_channels % 2 or r.base_channels < 1:
+        raise ConfigError(
+            f"model.resnet.stem_channels={r.stem_channels} (even, ≥ 2) / "
+            f"base_channels={r.base_channels} (≥ 1)"
+        )
+
+
+def build(m: ml_collections.ConfigDict, dtype: Dtype) -> ResNetV1c:
+    """The ResNetV1c of `config.model.resnet`."""
+    r = m.resnet
+    return ResNetV1c(
+        int(r.depth),
+        int(r.stem_channels),
+        int(r.base_channels),
+        tuple(int(s) for s in r.strides),
+        tuple(int(d) for d in r.dilations),
+        bool(r.contract_dilation),
+        dtype=dtype,
+    )
+
+
+def out_width(m: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Widths of the four stage outputs (4, 8, 16, 32 × base_channels)."""
+    return tuple(4 * m.resnet.base_channels * 2**i for i in range(4))
+
+
+def size_multiple(m: ml_collections.ConfigDict) -> int:
+    """Crops need no particular multiple (strided convs pad like torch)."""
+    return 1

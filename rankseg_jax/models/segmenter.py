@@ -16,45 +16,41 @@ import ml_collections
 
 from rankseg_jax.errors import ConfigError
 from rankseg_jax.models import heads, registry, vit
-from rankseg_jax.models.layers import ATTENTION_IMPLS
-
-CANVAS_FILL = -100.0
-
-
-def scatter_to_classes(masks: jax.Array, topk: jax.Array | None, n_cls: int) -> jax.Array:
-    """Scatter slot logits (B, h, w, k) into (B, h, w, n_cls) filled with exactly −100.
-
-    Slot j goes to channel topk[b, j]; negative ids (padded GT slots) are dropped. With
-    topk None (baseline) the masks already are in class order and are returned as they are.
-    """
-    if topk is None:
-        return masks
-    ids = jnp.where(topk < 0, n_cls, topk)
-
-    def one(m, idx):
-        canvas = jnp.full(m.shape[:-1] + (n_cls,), CANVAS_FILL, m.dtype)
-        return canvas.at[:, :, idx].set(m, mode="drop")
-
-    return jax.vmap(one)(masks, ids)
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Resize (B, h, w, C) to (B, H, W, C) like torch bilinear with align_corners=False."""
-    if tuple(x.shape[1:3]) == tuple(size):
-        return x
-    shape = (x.shape[0], *size, x.shape[-1])
-    return jax.image.resize(x, shape, method="linear", antialias=False)
+from rankseg_jax.models.layers import (  # noqa: F401  (re-exported: the public names)
+    ATTENTION_IMPLS,
+    CANVAS_FILL,
+    resize_bilinear,
+    scatter_to_classes,
+)
 
 
 class Segmenter(nn.Module):
-    """Encoder + decode head. images (B, H, W, 3), normalised, any H, W ≥ 16."""
+    """Encoder + decode head (+ auxiliary head). images (B, H, W, 3), normalised, H, W ≥ 16.
+
+    `multi_level` (conv families: DeepLabV3, UperNet; see models/registry.py): the encoder
+    returns its stage outputs (fine → coarse, NHWC), the heads are called as
+    `head(features, train)`, the output also carries `features` and `aux_masks` (the
+    auxiliary head's (B, h, w, n_cls) float32 logits in training, None at eval). Such models
+    hold BatchNorm `batch_stats`: a train forward needs `mutable=['batch_stats']`.
+    """
 
     backbone: nn.Module
     decode_head: nn.Module
     n_cls: int
+    auxiliary_head: nn.Module | None = None
+    multi_level: bool = False
 
     def __call__(self, images: jax.Array, train: bool = False, gt_labels=None) -> dict:
         out = self.backbone(images, train)
+        if self.multi_level:
+            feats = tuple(out)
+            result = dict(self.decode_head(feats, train))
+            aux = None
+            if self.auxiliary_head is not None and (train or self.is_initializing()):
+                aux = self.auxiliary_head(feats, train)  # created at init, run in training
+            result["aux_masks"] = aux if train else None
+            result["features"] = feats
+            return result
         feats, backbone_cls = out if isinstance(out, tuple) else (out, None)
         return self.decode_head(feats, backbone_cls, train, gt_labels)
 
@@ -132,5 +128,13 @@ def create_model(model_config: ml_collections.ConfigDict) -> Segmenter:
     check_config(m)
     dtype = _dtype(m.compute_dtype)
     encoder = registry.ENCODERS[m.encoder]
-    head = registry.DECODE_HEADS[m.decode_head].build(m, encoder.out_width(m), dtype)
-    return Segmenter(backbone=encoder.build(m, dtype), decode_head=head, n_cls=m.n_cls)
+    head_component = registry.DECODE_HEADS[m.decode_head]
+    width = encoder.out_width(m)
+    build_aux = getattr(head_component, "build_aux", None)
+    return Segmenter(
+        backbone=encoder.build(m, dtype),
+        decode_head=head_component.build(m, width, dtype),
+        n_cls=m.n_cls,
+        auxiliary_head=build_aux(m, width, dtype) if build_aux else None,
+        multi_level=isinstance(width, tuple),
+    )

@@ -12,7 +12,7 @@
   (lowest-resolution) backbone output.
 
 Bilinear resizes are torch's with align_corners=False (`segmenter.resize_bilinear`). The model
-returns the dict of models/deeplab.py (masks, topk, img_logits, aux, features).
+returns the dict of models/deeplab.py (masks, topk, img_logits, aux_masks, features).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class UperNet(nn.Module):
 
     images (B, H, W, 3) normalised, NHWC. A train forward needs `mutable=['batch_stats']`
     (and rng 'dropout' when any dropout / drop-path is > 0). Output: masks, topk, img_logits,
-    aux (train only), features (the four backbone maps).
+    aux_masks (train only), features (the four backbone maps).
     """
 
     backbone: nn.Module
@@ -126,7 +126,7 @@ class UperNet(nn.Module):
         aux = None
         if self.auxiliary_head is not None and (train or self.is_initializing()):
             aux = self.auxiliary_head(tuple(feats), train)
-        out["aux"] = aux if train else None
+        out["aux_masks"] = aux if train else None
         out["features"] = feats
         return out
 

@@ -218,6 +218,11 @@ def build(m: ml_collections.ConfigDict, dtype: Dtype) -> VisionTransformer:
     )
 
 
+def size_multiple(m: ml_collections.ConfigDict) -> int:
+    """Training crops must be multiples of the patch size."""
+    return int(m.patch_size)
+
+
 def out_width(m: ml_collections.ConfigDict) -> int:
     """Channels of the feature map the decode head receives."""
     return encoder_dims(m)["width"]
