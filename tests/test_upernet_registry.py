@@ -180,3 +180,61 @@ def test_recipes_name_registered_weights():
 
     for name in recipes.UPERNET_PRETRAINED.values():
         assert name in weights.REGISTRY
+
+
+def _to_original_swin(mmseg_key: str) -> str:
+    """mmseg Swin backbone key → the Microsoft checkpoint's name (inverse of swin2mmseg)."""
+    key = mmseg_key.removeprefix("backbone.").replace("stages.", "layers.")
+    key = key.replace(".attn.w_msa.", ".attn.").replace(
+        "patch_embed.projection", "patch_embed.proj"
+    )
+    return key.replace(".ffn.layers.0.0.", ".mlp.fc1.").replace(".ffn.layers.1.", ".mlp.fc2.")
+
+
+@pytest.mark.parametrize("backbone", ["swin", "beit"])
+def test_pretrained_backbone_fills_every_backbone_leaf_but_the_fresh_ones(backbone):
+    """A classification checkpoint in the public layout (Microsoft Swin / unilm BEiT, random
+    values, with its classifier and buffers) lands on every backbone leaf of the runlocal model
+    except Swin's per-stage norms / BEiT's fpn necks, with the converters' values; a checkpoint
+    lacking a block is one CheckpointError."""
+    from rankseg_jax.convert import mmseg_upernet
+    from rankseg_jax.convert.beit_pretrained import beit_backbone_state
+    from rankseg_jax.convert.swin_pretrained import swin_backbone_state
+    from rankseg_jax.errors import CheckpointError
+
+    config = config_lib.resolve(MODULES[backbone].get_config("runlocal"))
+    _, shapes = abstract_variables(config)
+    names = mmseg_upernet.variables_to_state_dict(
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    )
+    rng = np.random.default_rng(0)
+    ckpt = {}
+    for key, value in names.items():
+        if not key.startswith("backbone.") or key.endswith("relative_position_index"):
+            continue
+        if backbone == "swin" and not key.startswith("backbone.norm"):
+            ckpt[_to_original_swin(key)] = rng.standard_normal(value.shape).astype(np.float32)
+        if backbone == "beit" and not key.startswith("backbone.fpn"):
+            ckpt[key.removeprefix("backbone.")] = rng.standard_normal(value.shape).astype(
+                np.float32
+            )
+    ckpt.update({"head.weight": np.zeros((3, 4), np.float32), "norm.weight": np.ones(4)})
+    assert mmseg_upernet.pretrained_kind(ckpt) == backbone
+    loaded = mmseg_upernet.pretrained_backbone(ckpt, shapes, "test.pth")
+    got = mmseg_upernet.variables_to_state_dict(loaded)
+    if backbone == "swin":
+        want = swin_backbone_state(ckpt)
+        fresh = "backbone.norm"
+    else:
+        want = beit_backbone_state(ckpt, 4, (3, 3))
+        fresh = "backbone.fpn"
+    assert set(got) - {k for k in got if k.endswith("relative_position_index")} == set(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+    backbone_keys = {k for k in names if k.startswith("backbone.") and "index" not in k}
+    assert backbone_keys - set(want) == {k for k in backbone_keys if k.startswith(fresh)}
+
+    block = "layers.1.blocks.0." if backbone == "swin" else "blocks.1."
+    partial = {k: v for k, v in ckpt.items() if not k.startswith(block)}
+    with pytest.raises(CheckpointError, match=f"does not fit the {backbone} backbone: missing"):
+        mmseg_upernet.pretrained_backbone(partial, shapes, "test.pth")
