@@ -238,3 +238,47 @@ def test_pretrained_backbone_fills_every_backbone_leaf_but_the_fresh_ones(backbo
     partial = {k: v for k, v in ckpt.items() if not k.startswith(block)}
     with pytest.raises(CheckpointError, match=f"does not fit the {backbone} backbone: missing"):
         mmseg_upernet.pretrained_backbone(partial, shapes, "test.pth")
+
+
+SWIN_22K, BEIT_22K = "swin_base_patch4_window12_384_22k", "beit_large_patch16_224_pt22k_ft22k"
+# (module, arg, dataset, n_cls, crop, iters, batch, accum, classifier, k, img weight, lr, wd,
+#  warm-up, lr_mult keys, test mode, test stride, pretrained)
+ROWS = [
+    (upernet_swin, "head=base", "ade20k", 150, 512, 160_000, 16, 1, "full", 150, 10.0, 6e-5, 0.01, 1500, 0, "whole", 512, SWIN_22K),  # noqa: E501
+    (upernet_swin, "", "ade20k", 150, 512, 160_000, 16, 1, "rankseg", 50, 10.0, 6e-5, 0.01, 1500, 2, "whole", 512, SWIN_22K),  # noqa: E501
+    (upernet_swin, "dataset=coco_stuff10k,head=base", "coco_stuff10k", 171, 512, 40_000, 16, 1, "full", 171, 10.0, 6e-5, 0.01, 1500, 0, "whole", 512, SWIN_22K),  # noqa: E501
+    (upernet_swin, "dataset=coco_stuff10k", "coco_stuff10k", 171, 512, 40_000, 16, 1, "rankseg", 50, 10.0, 6e-5, 0.01, 1500, 2, "whole", 512, SWIN_22K),  # noqa: E501
+    (upernet_beit, "head=base", "ade20k", 150, 640, 320_000, 8, 2, "full", 150, 5.0, 2e-5, 0.05, 3000, 0, "slide", 426, BEIT_22K),  # noqa: E501
+    (upernet_beit, "", "ade20k", 150, 640, 320_000, 8, 2, "rankseg", 50, 5.0, 2e-5, 0.05, 3000, 0, "slide", 426, BEIT_22K),  # noqa: E501
+    (upernet_beit, "dataset=coco_stuff10k", "coco_stuff10k", 171, 640, 320_000, 8, 2, "rankseg", 50, 5.0, 2e-5, 0.05, 3000, 0, "slide", 426, BEIT_22K),  # noqa: E501
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r[0].__name__}:{r[1]}")
+def test_row_values(row):
+    module, arg, dataset, n_cls, crop, iters, batch, accum, classifier, k, weight = row[:11]
+    lr, wd, warmup, n_lr_keys, mode, stride, pretrained = row[11:]
+    c = config_lib.resolve(module.get_config(arg))
+    m = c.model
+    assert (c.data.dataset, m.n_cls, m.classifier, m.k) == (dataset, n_cls, classifier, k)
+    assert c.data.crop_size == m.img_size == (crop, crop) == tuple(c.eval.crop)
+    assert tuple(c.data.img_scale) == tuple(c.data.test_scale) == (4 * crop, crop)
+    assert (c.total_steps, c.batch_size, c.optimizer.grad_accum_steps) == (iters, batch, accum)
+    assert (c.eval.mode, tuple(c.eval.stride)) == (mode, (stride, stride))
+    assert (c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay) == ("adamw", lr, wd)
+    assert tuple(c.optimizer.betas) == (0.9, 0.999) and len(c.optimizer.lr_mult) == n_lr_keys
+    s = c.schedule
+    assert (s.power, s.min_lr, s.warmup_steps, s.warmup_ratio) == (1.0, 0.0, warmup, 1e-6)
+    assert (c.loss.img_loss, c.loss.img_loss_weight, c.loss.aux_weight) == ("asl", weight, 0.4)
+    assert m.pretrained == pretrained and m.rankseg_img_head.downsample == 0
+    assert m.rankseg_img_head.share_embedding == (module is upernet_swin)
+    assert c.eval.every_steps == c.checkpoint.every_steps == iters // 10
+    ms = config_lib.resolve(module.get_config(",".join(filter(None, [arg, "ms_flip"]))))
+    assert tuple(ms.eval.scales) == recipes.MS_RATIOS and ms.eval.flip
+
+
+def test_demo_is_a_small_swin_upernet_on_generated_data():
+    c = config_lib.resolve(upernet_swin.get_config("demo"))
+    assert (c.model.encoder, c.model.decode_head, c.model.classifier) == ("swin", "uper", "rankseg")
+    assert c.model.swin.variant == "swin_test" and c.model.pretrained == "none"
+    assert c.data.dataset == "synthetic_ade20k" and c.data.generate_if_missing
