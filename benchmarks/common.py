@@ -75,7 +75,7 @@ def apply_cpu_target(args) -> None:
 def load_config(args):
     """The config of --config with the flag overrides applied (configs are not edited)."""
     from rankseg_jax import recipes
-    from rankseg_jax.models import segmenter
+    from rankseg_jax.models import registry, segmenter
 
     path, _, arg = args.config.partition(":")
     module = _import_path(ROOT / path if not os.path.isabs(path) else pathlib.Path(path))
@@ -105,7 +105,8 @@ def load_config(args):
         if args.dropout is not None:
             m.dropout = args.dropout
             m.drop_path_rate = 0.0 if args.dropout == 0.0 else m.drop_path_rate
-    segmenter.vit_dims(m)
+    if not registry.is_multi_level(m):  # conv families (DeepLabV3): no ViT sizes to resolve
+        segmenter.vit_dims(m)
     return config
 
 

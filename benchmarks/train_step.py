@@ -16,6 +16,12 @@ Batches are synthetic and device-resident: this measures the step, not the input
 
 The forward measured is inference: `encode_decode` (logits at the input size), no gradient.
 
+Conv families through their config (the real train step of rankseg_jax.train, BN statistics
+in the state; model FLOPs = XLA's cost analysis of the compiled step, as no spec arithmetic
+exists for them), e.g. DeepLabV3 R101-d8 + RankSeg beside Segmenter:
+
+    python benchmarks/train_step.py --config configs/deeplabv3.py --batch 2 --resolution 256
+
 UperNet rows (issue #18), `--family upernet_swin|upernet_beit`: the full-size models of
 models/uper.py (Swin-B 512 / BEiT-L 640 by default, batch 16, `--uper-head rankseg|base`) with
 the recipe's optimiser (rankseg_jax.recipes) in one jitted step (forward with BN statistics,
@@ -100,9 +106,13 @@ class JaxBench:
             size = tuple(config.model.img_size)
             images = jax.numpy.zeros((1, *size, 3))
             labels = jax.numpy.zeros((1, *size), jax.numpy.int32)
-            params = jax.jit(self.model.init)(
+            variables = jax.jit(self.model.init)(
                 jax.random.PRNGKey(config.seed), images, gt_labels=labels
-            )["params"]
+            )
+            params = variables.pop("params")
+            self.model_state = dict(variables)  # BN batch_stats of the conv families
+        else:
+            self.model_state = {}
         self.params = params
         self.mesh = shd.make_mesh(1, 1, jax.devices()[:1])
         self.state_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -113,7 +123,8 @@ class JaxBench:
         import jax
 
         return jax.device_put(
-            self._train.new_state(self.params, self.tx, self.config.seed), self.state_sharding
+            self._train.new_state(self.params, self.tx, self.config.seed, self.model_state),
+            self.state_sharding,
         )
 
     def compile_train(self, batch):
@@ -129,7 +140,8 @@ class JaxBench:
         import jax
 
         def forward(params, x):
-            return self.model.apply({"params": params}, x, method=self.model.encode_decode)
+            variables = {"params": params, **self.model_state}
+            return self.model.apply(variables, x, method=self.model.encode_decode)
 
         t0 = time.perf_counter()
         compiled = jax.jit(forward).lower(self.params, images).compile()
@@ -271,7 +283,7 @@ def base_record(args, config, kind: str, framework: str) -> dict:
     return dict(
         benchmark=kind,
         framework=framework,
-        variant=m.variant,
+        variant=_variant(m),
         head=m.classifier,
         resolution=list(m.img_size),
         batch=config.batch_size,
@@ -372,6 +384,25 @@ def time_interleaved(fns: list, steps: int, warmup: int) -> list[dict]:
              steps=steps, warmup=warmup)
         for t in times
     ]  # fmt: skip
+
+
+def _variant(m) -> str:
+    """The ViT variant, or e.g. 'resnet101+aspp' for a conv family."""
+    from rankseg_jax.models import registry
+
+    if registry.is_multi_level(m):
+        depth = m[m.encoder].get("depth", "") if m.encoder in m else ""
+        return f"{m.encoder}{depth}+{m.decode_head}"
+    return m.variant
+
+
+def _xla_flops_per_image(mine: dict, batch: int) -> dict:
+    """{'train_step' / 'forward': FLOPs per image} from XLA's cost analysis (conv families)."""
+    return {
+        kind: None if rec.get("xla_cost_tflops_per_step") is None
+        else rec["xla_cost_tflops_per_step"] * 1e12 / batch
+        for kind, (_, rec) in mine.items()
+    }  # fmt: skip
 
 
 def _tf(flops):
@@ -536,6 +567,7 @@ def main(argv=None) -> None:
         return
 
     from rankseg_jax.flops import forward_flops
+    from rankseg_jax.models import registry
 
     config = load_config(args)
     images, labels = synthetic_batch(config, args.seed)
@@ -554,9 +586,12 @@ def main(argv=None) -> None:
     else:
         bench = JaxBench(config)
     env = dict(cores=cores, **device_info(), **versions())
-    flops = forward_flops(config.model, tuple(config.model.img_size))
     peak = peak_flops(args)
     mine = jax_calls(args, config, bench, images, labels)
+    if registry.is_multi_level(config.model):
+        flops = _xla_flops_per_image(mine, config.batch_size)
+    else:
+        flops = forward_flops(config.model, tuple(config.model.img_size))
     theirs = {} if ref is None else torch_calls(args, config, ref, images, labels)
     for kind, (fn, rec) in mine.items():
         pair = [fn] + ([theirs[kind][0]] if kind in theirs else [])

@@ -4,7 +4,9 @@
 50 val images) are generated under `data.root` if missing, then it trains, evaluates and prints
 mIoU. Args: head=rankseg|mask (the baseline head at the same budget), runlocal (the short run
 that tests/test_demo.py checks: the loss falls and mIoU beats the untrained model and the
-majority class by a margin).
+majority class by a margin), model=segmenter|deeplab (deeplab: a small ResNet-50-d8 DeepLabV3
++ RankSeg or its baseline (head=mask), BatchNorm statistics in the train state; the same
+data, optimizer and budget; runlocal: 20 steps, tests/test_deeplab_train.py).
 
 Deviations from the reference recipe (ADE20K ViT-B/16, SGD lr 1e-3, 160k steps; each chosen
 so that a from-scratch model learns within minutes on 2 CPU cores):
@@ -30,9 +32,11 @@ from rankseg_jax import recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = recipes.parse_arg(arg, head="rankseg", runlocal=False)
+    arg = recipes.parse_arg(arg, head="rankseg", runlocal=False, model="segmenter")
     if arg.head not in ("rankseg", "mask"):
         raise recipes.ConfigError(f"demo head={arg.head!r}: rankseg or mask")
+    if arg.model not in ("segmenter", "deeplab"):
+        raise recipes.ConfigError(f"demo model={arg.model!r}: segmenter or deeplab")
     data = recipes.data_overrides("synthetic_ade20k")
     data.update(
         crop_size=(64, 64),
@@ -46,7 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         synthetic_val=50,
     )
     steps = 700 if arg.runlocal else 3000
-    return recipes.with_defaults(
+    if arg.model == "deeplab":
+        steps = 20 if arg.runlocal else 3000
+    config = recipes.with_defaults(
         dict(
             batch_size=8,
             total_steps=steps,
@@ -80,3 +86,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             logging=dict(every_steps=25),
         )
     )
+    if arg.model == "deeplab":
+        config.unlock()
+        _deeplab(config, arg.runlocal)
+        config.lock()
+    return config
+
+
+def _deeplab(config: ml_collections.ConfigDict, runlocal: bool) -> None:
+    """A small DeepLabV3 (ResNet-50-d8: stem 16, base 8; ASPP 32 channels, dilations (1, 2, 3,
+    4) for 8 × 8 feature maps instead of (1, 12, 24, 36) for 64 × 64) in place of the ViT."""
+    m = config.model
+    m.encoder, m.decode_head = "resnet", "aspp"
+    m.resnet.update(depth=50, stem_channels=16, base_channels=8)
+    m.conv_head.update(channels=32, aux_channels=16)
+    m.aspp.dilations = (1, 2, 3, 4)
+    m.rankseg_img_head.update(n_heads=2, d_ff=64, dropout=0.0, downsample=8)
+    if runlocal:
+        config.logging.every_steps = 5
+        config.eval.update(max_images=8)

@@ -1,9 +1,11 @@
 """Orbax checkpoints of a training run: params, optimizer state, step, rng and data position.
 
 Layout under `<workdir>/checkpoints/<step>/`: item `params` (the Flax params, so evaluation
-and export restore them alone), item `train` (optimizer state, step, rng) and item `data`
-(the input pipeline's JSON state). Orbax writes each step to a temporary folder and renames
-it when complete, so a killed run never leaves a half-written step behind.
+and export restore them alone), item `train` (optimizer state, step, rng), item `data`
+(the input pipeline's JSON state) and, for models with non-param collections (BatchNorm
+`batch_stats` of the conv families), item `model_state` (evaluation and export need it too).
+Orbax writes each step to a temporary folder and renames it when complete, so a killed run
+never leaves a half-written step behind.
 
 Kept: the latest `checkpoint.keep_latest` steps plus the `checkpoint.keep_best` best by mIoU.
 """
@@ -21,6 +23,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from rankseg_jax.errors import CheckpointNotFoundError
 
 BEST_METRIC = "mIoU"
+ITEMS = ("params", "train", "data", "model_state")
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -55,9 +58,7 @@ def make_manager(
         read_only=read_only,
         create=not read_only,
     )
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir), item_names=("params", "train", "data"), options=options
-    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS, options=options)
 
 
 def save(
@@ -67,25 +68,40 @@ def save(
     train: Any,
     data_state: dict,
     metrics: dict | None = None,
+    model_state: Any = None,
 ) -> None:
-    """Save one step (asynchronously when configured); `metrics` feed the best-N policy."""
-    args = ocp.args.Composite(
+    """Save one step (asynchronously when configured); `metrics` feed the best-N policy.
+    `model_state` (e.g. {'batch_stats': ...}) is its own item, written only when non-empty."""
+    items = dict(
         params=ocp.args.StandardSave(params),
         train=ocp.args.StandardSave(train),
         data=ocp.args.JsonSave(data_state),
     )
+    if model_state:
+        items["model_state"] = ocp.args.StandardSave(model_state)
+    args = ocp.args.Composite(**items)
     manager.save(step, args=args, metrics=metrics, force=True)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_train):
-    """(params, train, data_state) of `step`, placed like the abstract targets' shardings."""
-    args = ocp.args.Composite(
+def restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_params,
+    abstract_train,
+    abstract_model_state: Any = None,
+):
+    """(params, train, data_state, model_state) of `step`, placed like the abstract targets'
+    shardings; model_state is {} unless `abstract_model_state` is non-empty."""
+    items = dict(
         params=ocp.args.StandardRestore(abstract_params),
         train=ocp.args.StandardRestore(abstract_train),
         data=ocp.args.JsonRestore(),
     )
-    restored = manager.restore(step, args=args)
-    return restored.params, restored.train, restored.data
+    if abstract_model_state:
+        items["model_state"] = ocp.args.StandardRestore(abstract_model_state)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    model_state = restored.model_state if abstract_model_state else {}
+    return restored.params, restored.train, restored.data, model_state
 
 
 def latest_step(workdir: str | pathlib.Path) -> int | None:
@@ -100,19 +116,31 @@ def restore_params(workdir: str | pathlib.Path, abstract_params, step: int | Non
 
     `abstract_params`: a pytree of jax.ShapeDtypeStruct (with shardings, or defaults).
     """
+    return _restore_item(workdir, "params", abstract_params, step)
+
+
+def restore_model_state(workdir: str | pathlib.Path, abstract_state, step: int | None = None):
+    """The `model_state` item (e.g. {'batch_stats': ...}) of a checkpoint (latest by default);
+    {} when `abstract_state` is empty (Segmenter)."""
+    if not abstract_state:
+        return {}
+    return _restore_item(workdir, "model_state", abstract_state, step)
+
+
+def _restore_item(workdir: str | pathlib.Path, item: str, abstract_tree, step: int | None):
     directory = checkpoint_dir(workdir)
     if not directory.exists():
         raise CheckpointNotFoundError(f"no checkpoints in {workdir} (looked in {directory})")
-    manager = ocp.CheckpointManager(directory, item_names=("params",))
+    manager = ocp.CheckpointManager(directory, item_names=(item,))
     step = manager.latest_step() if step is None else step
     if step is None:
         raise CheckpointNotFoundError(f"no complete checkpoint step in {directory}")
-    abstract = jax.tree.map(_as_abstract, abstract_params)
+    abstract = jax.tree.map(_as_abstract, abstract_tree)
     restored = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+        step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
     )
     manager.close()
-    return restored.params
+    return restored[item]
 
 
 def _as_abstract(x):

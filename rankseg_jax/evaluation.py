@@ -223,7 +223,8 @@ def run_evaluation(
     """Evaluate on `source` (a dataset reader) with the config's test inference; all processes.
 
     evaluator: a `Segmentor` or an `inference.Inferencer` (reuse one across evaluations so the
-    model compiles once); params: new parameters to evaluate (training), else its own.
+    model compiles once); params: new variables to evaluate (training: {"params", **model_state}
+    as `Segmentor.variables`), else its own.
     The images come through the eval pipeline (`data.num_workers` workers, keep-ratio resize
     to `data.test_scale` and the `eval.scales` ratios, normalisation), flips per `eval.flip`,
     the first `eval.max_images` only when > 0. Returns `inference.Scorer.result()` summed over

@@ -185,12 +185,12 @@ class Predictor:
             else "mean pixel probability (no image-level classifier)"
         )
         model = segmentor.model
-        forward = lambda params, windows: model.apply(
-            {"params": params}, windows, method=model.encode_decode_with_scores
+        forward = lambda variables, windows: model.apply(
+            variables, windows, method=model.encode_decode_with_scores
         )
         # The label map and the scores come from one model call per window.
         self.inferencer = inference.Inferencer(
-            forward, segmentor.params, self.config.model.n_cls, self.settings,
+            forward, segmentor.variables, self.config.model.n_cls, self.settings,
             ignore_index=self.config.data.ignore_index,
         )  # fmt: skip
 

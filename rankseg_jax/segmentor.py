@@ -40,12 +40,19 @@ def check_batch(images) -> jax.Array:
 
 
 class Segmentor:
-    """A Segmenter with its params and config: logits, class scores and label maps."""
+    """A Segmenter with its params and config: logits, class scores and label maps.
 
-    def __init__(self, config: ml_collections.ConfigDict, model: Segmenter, params) -> None:
+    `model_state`: the model's non-param collections (BatchNorm running statistics of the conv
+    families, {} for the ViT Segmenter); every forward here is an eval forward with them.
+    """
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, model: Segmenter, params, model_state=None
+    ) -> None:
         self.config = config
         self.model = model
         self.params = params
+        self.model_state = dict(model_state or {})
         self.weights = "(given params)"
         self.step: int | None = None  # the checkpoint step when loaded from a workdir
         self._encode_decode = jax.jit(functools.partial(model.apply, method=model.encode_decode))
@@ -64,10 +71,10 @@ class Segmentor:
         config = config_lib.resolve(config)
         model = create_model(config.model)
         if checkpoint is None:
-            params = init_params(model, config)
+            variables = init_variables(model, config)
         else:
-            params = loading.load_params(checkpoint, model, config)
-        return cls(config, model, params)
+            variables = loading.load_variables(checkpoint, model, config)
+        return cls(config, model, variables.pop("params"), variables)
 
     @classmethod
     def from_workdir(
@@ -83,22 +90,31 @@ class Segmentor:
         if step is not None:
             abstract = loading.expected_params(model, config)
             params = checkpoint.restore_params(workdir, abstract, step)
+            state = checkpoint.restore_model_state(
+                workdir, loading.expected_model_state(model, config), step
+            )
             weights = f"{checkpoint.checkpoint_dir(workdir)}/{step}"
         elif config.init_from:
             # Only an AugReg .npz (backbone only) needs the initialised head.
             npz = pathlib.Path(config.init_from).suffix == ".npz"
-            base = init_params(model, config) if npz else None
-            params = loading.load_params(config.init_from, model, config, base)
+            base = init_variables(model, config) if npz else None
+            state = loading.load_variables(config.init_from, model, config, base)
+            params = state.pop("params")
             weights = config.init_from
         else:
             raise CheckpointNotFoundError(
                 f"no checkpoint in {workdir} and no init_from: train first, or set "
                 "--config.init_from=PATH (.pth, .safetensors, .npz or an orbax workdir)"
             )
-        segmentor = cls(config, model, params)
+        segmentor = cls(config, model, params, state)
         segmentor.weights = weights
         segmentor.step = step
         return segmentor
+
+    @property
+    def variables(self) -> dict:
+        """{'params': ..., **model_state}: what `model.apply` takes."""
+        return {"params": self.params, **self.model_state}
 
     @property
     def num_params(self) -> int:
@@ -106,7 +122,7 @@ class Segmentor:
 
     def logits(self, images, gt_labels=None) -> np.ndarray:
         """Normalised float32 (B, H, W, 3), any H, W ≥ 16 → logits (B, H, W, n_cls)."""
-        out = self._encode_decode({"params": self.params}, check_batch(images), gt_labels)
+        out = self._encode_decode(self.variables, check_batch(images), gt_labels)
         return np.asarray(out)
 
     def class_scores(self, images) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +131,7 @@ class Segmentor:
             raise InputError(
                 f"model.classifier={self.config.model.classifier!r} has no image-level class scores"
             )
-        scores, topk = self._class_scores({"params": self.params}, check_batch(images))
+        scores, topk = self._class_scores(self.variables, check_batch(images))
         return np.asarray(scores), np.asarray(topk)
 
     @functools.cached_property
@@ -131,11 +147,12 @@ class Segmentor:
         label_context = None
         if self.config.model.classifier == "gt":
             label_context = functools.partial(inference.gt_class_set, n_cls=n_cls)
-        forward = lambda params, images, gt_labels=None: self.model.apply(
-            {"params": params}, images, gt_labels, method=self.model.encode_decode
+        # The inferencer's "params" are the variables dict (params and model_state).
+        forward = lambda variables, images, gt_labels=None: self.model.apply(
+            variables, images, gt_labels, method=self.model.encode_decode
         )
         return inference.Inferencer(
-            forward, self.params, n_cls, settings,
+            forward, self.variables, n_cls, settings,
             ignore_index=self.config.data.ignore_index, label_context=label_context,
         )  # fmt: skip
 
@@ -161,10 +178,15 @@ class Segmentor:
         return self.inferencer.predict_passes(passes, image.shape[:2], label=label).pred
 
 
-def init_params(model: Segmenter, config: ml_collections.ConfigDict):
-    """Seeded random params (float32), created under jit."""
+def init_variables(model: Segmenter, config: ml_collections.ConfigDict) -> dict:
+    """Seeded random variables ({'params'[, 'batch_stats']}, float32), created under jit."""
     size = tuple(config.model.img_size)
     images = jnp.zeros((1, *size, 3), jnp.float32)
     labels = jnp.zeros((1, *size), jnp.int32)
-    init = jax.jit(lambda key: model.init(key, images, gt_labels=labels)["params"])
-    return init(jax.random.PRNGKey(config.seed))
+    init = jax.jit(lambda key: model.init(key, images, gt_labels=labels))
+    return dict(init(jax.random.PRNGKey(config.seed)))
+
+
+def init_params(model: Segmenter, config: ml_collections.ConfigDict):
+    """Seeded random params (float32), created under jit."""
+    return init_variables(model, config)["params"]

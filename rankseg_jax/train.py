@@ -56,17 +56,15 @@ class TrainState:
     model_state: PyTree = dataclasses.field(default_factory=dict)
 
     def train_items(self) -> dict:
-        """What the checkpoint's `train` item holds (params are saved separately)."""
-        items = dict(
+        """What the checkpoint's `train` item holds (params and model_state are items of their
+        own, so evaluation and export restore them without the optimizer state)."""
+        return dict(
             step=self.step,
             opt_state=self.opt_state,
             rng=self.rng,
             finite=self.finite,
             first_bad_step=self.first_bad_step,
         )
-        if self.model_state:  # absent for models without state: their checkpoints stay as they were
-            items["model_state"] = self.model_state
-        return items
 
 
 def new_state(
@@ -341,17 +339,20 @@ def initial_state(config, workdir, model, tx, mesh, manager, init: InitWeights |
     step = manager.latest_step()
     if step is not None:
         target = _with_shardings(abstract, shardings)
-        params, train, data_state = checkpoint.restore(
-            manager, step, target.params, target.train_items()
+        params, train, data_state, model_state = checkpoint.restore(
+            manager, step, target.params, target.train_items(), target.model_state
         )
-        return with_train_items(target, params, train), data_state, f"checkpoint step {step}"
+        state = with_train_items(target, params, train).replace(model_state=dict(model_state))
+        return state, data_state, f"checkpoint step {step}"
     state = jax.jit(make, out_shardings=shardings)()
     if init is None:
         return state, None, f"random init (seed {config.seed})"
-    params = loading.load_params(init.path, model, config, base_params=state.params)
-    params = jax.device_put(params, shardings.params)
+    base = {"params": state.params, **state.model_state}
+    variables = loading.load_variables(init.path, model, config, base_variables=base)
+    params = jax.device_put(variables.pop("params"), shardings.params)
+    model_state = jax.device_put(variables, shardings.model_state)  # BN stats, if any
     state = jax.jit(functools.partial(new_state, tx=tx, seed=config.seed), out_shardings=shardings)(
-        params
+        params, model_state=model_state
     )
     return state, None, init.describe()
 
@@ -412,11 +413,11 @@ def _maybe_evaluate(config, evaluator, state, step, writer, workdir, val_source)
     if val_source is None:
         return None
 
-    params = state.params
+    variables = {"params": state.params, **state.model_state}  # BN: running statistics
     if jax.process_count() > 1:  # each process scores its own images on a local copy
-        params = shd.local_replica(params, shd.mesh_of(params))
+        variables = shd.local_replica(variables, shd.mesh_of(state.params))
     return evaluation.run_evaluation(
-        evaluator, config, val_source, params=params, step=step, writer=writer,
+        evaluator, config, val_source, params=variables, step=step, writer=writer,
         workdir=workdir, progress=False,
     )  # fmt: skip
 
@@ -453,8 +454,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     if data_state is not None:
         pipeline.set_state(data_state)
-    eval_params = shd.local_replica(state.params, mesh) if jax.process_count() > 1 else state.params
-    evaluator = Segmentor(config, model, eval_params).inferencer  # compiled once, reused
+    eval_params, eval_state = state.params, state.model_state
+    if jax.process_count() > 1:
+        eval_params, eval_state = shd.local_replica((eval_params, eval_state), mesh)
+    evaluator = Segmentor(config, model, eval_params, eval_state).inferencer  # compiled once
     schedule = optim.make_schedule(config)
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     results, acc, timer = None, MetricAccumulator(), LoopTimer()
@@ -484,8 +487,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 _check_finite(state, step)
                 metrics = {"mIoU": evaluated["mIoU"]} if evaluated else None
                 checkpoint.save(
-                    manager, step, state.params, state.train_items(), pipeline.get_state(), metrics
-                )
+                    manager, step, state.params, state.train_items(), pipeline.get_state(),
+                    metrics, model_state=state.model_state,
+                )  # fmt: skip
             if stop:
                 manager.wait_until_finished()
                 writer.write_texts(step, {"stopped": f"SIGTERM at step {step}, checkpoint saved"})

@@ -94,7 +94,10 @@ def test_eval_forward_matches_official(loaded, official_family, size):
     name, model, variables, _ = loaded
     x = np.load(official_family / f"fam_{size}.npy").transpose(0, 2, 3, 1)
     ref = np.load(official_family / f"{name}_fwd_{size}.npz")
-    out = jax.jit(lambda v, im: model.apply(v, im, False))(variables, x)
+    # one compilation per size: the eval forward and encode_decode (which repeats it) together
+    out, logits = jax.jit(
+        lambda v, im: (model.apply(v, im, False), model.apply(v, im, method="encode_decode"))
+    )(variables, x)
     for i in range(4):
         assert _rel(_nchw(out["features"][i]), ref[f"backbone_out_{i}"]) <= TOL, i
     canvas = _nchw(scatter_to_classes(out["masks"], out["topk"], N_CLS))
@@ -109,7 +112,6 @@ def test_eval_forward_matches_official(loaded, official_family, size):
     else:
         assert out["topk"] is None and out["img_logits"] is None
     assert out["aux_masks"] is None  # the auxiliary head runs in training only
-    logits = jax.jit(lambda v, im: model.apply(v, im, method="encode_decode"))(variables, x)
     assert logits.shape == (*x.shape[:3], N_CLS)
     if "seg_logits_img0" in ref.files:
         img0, ref0 = np.asarray(logits[0]).transpose(2, 0, 1), ref["seg_logits_img0"]
@@ -411,6 +413,8 @@ def _tree_rel(a, b) -> float:
 def _mesh_worker(out_path: str) -> None:
     """Same SGD step on one device, on (8,1) and (4,2) meshes (batch over all 8 devices, conv
     kernels FSDP-sharded on (4,2)), and with per-device BN (what a non-synced BN computes)."""
+    from rankseg_jax import checkpoint
+    from rankseg_jax import config as config_lib
     from rankseg_jax import sharding as shd
 
     model = small_deeplabv3(N_CLS, "rankseg", dropout=0.0, img_dropout=0.0)
@@ -447,16 +451,52 @@ def _mesh_worker(out_path: str) -> None:
             "relative_difference": _tree_rel(jax.device_get(result), single),
             "sharded_params": n_sharded,
         }
-    per_device = jax.jit(jax.vmap(lambda a, b: step(variables, a[None], b[None])))(x, y)
+        if (data, fsdp) == (8, 1):  # checkpoint the (8,1) result; restored on (4,2) below
+            saved = jax.device_get(result)
+            config = config_lib.with_defaults(dict(checkpoint=dict(async_save=False)))
+            workdir = os.path.join(os.path.dirname(out_path), "ckpt")
+            manager = checkpoint.make_manager(workdir, config)
+            checkpoint.save(
+                manager, 1, result["params"], {"step": np.int32(1)}, {"position": 0},
+                model_state={"batch_stats": result["batch_stats"]},
+            )  # fmt: skip
+            manager.wait_until_finished()
+        else:  # restore onto this mesh's shardings: bit-identical, placed as asked
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=s),
+                saved,
+                shardings,
+            )
+            params, _, _, state = checkpoint.restore(
+                checkpoint.make_manager(workdir, config, read_only=True), 1, target["params"],
+                {"step": jax.ShapeDtypeStruct((), np.int32)},
+                {"batch_stats": target["batch_stats"]},
+            )  # fmt: skip
+            restored = {"params": params, "batch_stats": state["batch_stats"]}
+            same = jax.tree.map(
+                lambda r, v, s: bool(np.array_equal(np.asarray(r), v) and r.sharding == s),
+                restored,
+                saved,
+                shardings,
+            )
+            report["restored_on_4x2"] = all(jax.tree.leaves(same))
+
+    def one_image_stats(image):  # a per-device BN: statistics of the device's own image only
+        _, mutated = model.apply(variables, image[None], True, mutable=["batch_stats"])
+        return mutated["batch_stats"]  # (the step's new stats come from this forward alone)
+
+    per_device = jax.jit(jax.vmap(one_image_stats))(x)  # a forward: cheaper than a whole step
     averaged = jax.tree.map(lambda t: np.asarray(t).mean(0).astype(t.dtype), per_device)
-    report["per_device_bn"] = _tree_rel(averaged["batch_stats"], single["batch_stats"])
+    report["per_device_bn"] = _tree_rel(averaged, single["batch_stats"])
     with open(out_path, "w") as f:
         json.dump(report, f)
 
 
 def test_syncbn_on_meshes_equals_one_device(tmp_path):
     """(8,1) and (4,2) meshes give the one-device step (params and batch stats) within 1e-5
-    relative: BN statistics are the global batch's under jit. Per-device BN would not be."""
+    relative: BN statistics are the global batch's under jit. Per-device BN would not be.
+    The (8,1) result checkpointed (batch_stats as item `model_state`) restores bit-identically
+    onto the (4,2) shardings."""
     out = tmp_path / "mesh.json"
     env = dict(
         os.environ,
@@ -481,6 +521,7 @@ def test_syncbn_on_meshes_equals_one_device(tmp_path):
     assert report["8x1"]["sharded_params"] == 0
     assert report["4x2"]["sharded_params"] > 0  # conv kernels split over 'fsdp'
     assert report["per_device_bn"] > 100 * TOL, report
+    assert report["restored_on_4x2"]  # params + batch_stats saved on (8,1), restored on (4,2)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--mesh-worker":

@@ -37,7 +37,7 @@ from rankseg_jax import recipes
 from rankseg_jax.convert import mmseg, safetensors_io, segmenter_layout, torch_pickle
 from rankseg_jax.data import readers
 from rankseg_jax.errors import ConfigError
-from rankseg_jax.models import segmenter
+from rankseg_jax.models import registry, segmenter
 
 __all__ = [
     "FORMATS",
@@ -80,12 +80,18 @@ def host_params(params: Any) -> Any:
 
 
 def state_dict_for_export(
-    params: Any, config: ml_collections.ConfigDict
+    params: Any, config: ml_collections.ConfigDict, model_state: Mapping[str, Any] | None = None
 ) -> collections.OrderedDict[str, np.ndarray]:
     """The mmseg state dict of `params`: float32, C-contiguous, in PyTorch `state_dict` order.
 
-    The GT-oracle head names its selected-class LayerNorm `mask_norm.gamma` / `.beta`.
+    The GT-oracle head names its selected-class LayerNorm `mask_norm.gamma` / `.beta`. Conv
+    families (a registry `STATE_DICT` converter) also write `model_state`: BN `running_mean`,
+    `running_var` and `num_batches_tracked` (0-d int64), as mmseg's SyncBN buffers.
     """
+    converter = registry.state_dict_module(config.model)
+    if converter is not None:
+        variables = {"params": host_params(params), **host_params(dict(model_state or {}))}
+        return collections.OrderedDict(converter.variables_to_state_dict(variables))
     return mmseg.params_to_state_dict(host_params(params), gt_head=config.model.classifier == "gt")
 
 
@@ -98,6 +104,11 @@ def class_names_and_palette(config: ml_collections.ConfigDict) -> tuple[tuple[st
 
 def _model_sizes(config: ml_collections.ConfigDict) -> dict[str, Any]:
     m = config.model
+    if registry.is_multi_level(m):  # conv families: the component config trees
+        keys = [m.encoder, m.decode_head, "conv_head"]
+        keys += ["rankseg_img_head"] if m.classifier == "rankseg" else []
+        sizes = {key: m[key].to_dict() for key in keys if key in m}
+        return dict(sizes, img_size=list(m.img_size))
     sizes = dict(segmenter.vit_dims(m))
     sizes.update(patch_size=m.patch_size, img_size=list(m.img_size))
     if m.classifier == "rankseg":
@@ -114,7 +125,7 @@ def model_description(
     return dict(
         format="rankseg_jax export",
         layout="mmseg",
-        variant=m.variant,
+        variant=f"{m.encoder}+{m.decode_head}" if registry.is_multi_level(m) else m.variant,
         head=_HEAD_NAMES[m.classifier],
         oce=bool(m.oce),
         n_cls=m.n_cls,
@@ -274,6 +285,11 @@ def check_export_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
             "(or set export.segmenter_layout)"
         )
     if config.export.segmenter_layout:
+        if registry.is_multi_level(config.model):
+            raise ConfigError(
+                f"export.segmenter_layout: only for the ViT Segmenter, not model.encoder="
+                f"{config.model.encoder!r} (its .pth is the mmseg layout: export.formats)"
+            )
         check_segmenter_layout(config)
     return formats
 
@@ -296,15 +312,17 @@ def export_params(
     output: str | os.PathLike,
     source: str = "",
     step: int | None = None,
+    model_state: Mapping[str, Any] | None = None,
 ) -> list[pathlib.Path]:
-    """Write the exports of `params` that `config.export` asks for into the folder `output`.
+    """Write the exports of `params` (+ `model_state`: BN statistics of the conv families) that
+    `config.export` asks for into the folder `output`.
 
     Order: safetensors + JSON (no torch), mmseg `.pth`, Segmenter layout. Raises ConfigError
     naming the files already written when torch is missing. Returns the written paths.
     """
     formats = check_export_config(config)
     output = pathlib.Path(output)
-    state = state_dict_for_export(params, config)
+    state = state_dict_for_export(params, config, model_state)
     written: list[pathlib.Path] = []
     if "safetensors" in formats:
         description = model_description(config, source, step)

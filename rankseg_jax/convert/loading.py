@@ -3,6 +3,12 @@
 Formats: mmseg `.pth` (the RankSeg release; read without torch when torch is absent), the
 official Segmenter `.pth` (`model` dict), `.safetensors` (our export), and AugReg `.npz`
 (backbone only; the head keeps the given initial params).
+
+Conv families (decode heads with a `STATE_DICT` converter in the model registry, e.g.
+DeepLabV3): the whole mmseg layout, BN running statistics included, loads into variables
+{'params', 'batch_stats'} (`load_variables`); an mmcv ImageNet backbone checkpoint (keys
+`stem.*`, `layer*.*`, e.g. `resnet101_v1c`) fills the `backbone` of the given initial
+variables (the classifier `fc.*` is dropped).
 """
 
 from __future__ import annotations
@@ -16,23 +22,34 @@ import numpy as np
 from flax import traverse_util
 
 from rankseg_jax import checkpoint
-from rankseg_jax.convert import mmseg
+from rankseg_jax.convert import mmseg, mmseg_conv
 from rankseg_jax.convert.augreg_npz import augreg_npz_to_mmseg
 from rankseg_jax.convert.safetensors_io import load_safetensors
 from rankseg_jax.convert.segmenter_layout import state_dict_from_checkpoint
 from rankseg_jax.convert.torch_pickle import load_pth
 from rankseg_jax.errors import CheckpointError
+from rankseg_jax.models import registry
 from rankseg_jax.weights import local_path
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
-def expected_params(model, config: ml_collections.ConfigDict):
-    """Shapes of the model's params (no allocation), used to check a state dict."""
+def expected_variables(model, config: ml_collections.ConfigDict) -> dict:
+    """Shapes of all the model's variables ({'params'[, 'batch_stats']}), no allocation."""
     size = tuple(config.model.img_size)
     images = jnp.zeros((1, *size, 3), jnp.float32)
     labels = jnp.zeros((1, *size), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), images, gt_labels=labels)["params"]
+    return dict(jax.eval_shape(model.init, jax.random.PRNGKey(0), images, gt_labels=labels))
+
+
+def expected_params(model, config: ml_collections.ConfigDict):
+    """Shapes of the model's params (no allocation), used to check a state dict."""
+    return expected_variables(model, config)["params"]
+
+
+def expected_model_state(model, config: ml_collections.ConfigDict) -> dict:
+    """Shapes of the model's non-param collections ({} for Segmenter)."""
+    return {k: v for k, v in expected_variables(model, config).items() if k != "params"}
 
 
 def read_state_dict(path: str | pathlib.Path, grid: tuple[int, int] | None = None) -> dict:
@@ -102,6 +119,39 @@ def _backbone_only(expected, base_params):
     return {"backbone": backbone}
 
 
+def load_variables(path, model, config: ml_collections.ConfigDict, base_variables=None) -> dict:
+    """All the model's variables from a weights file: {'params'} for Segmenter (`load_params`),
+    {'params', 'batch_stats'} for the conv families (mmseg layout, strict; or an ImageNet
+    backbone on top of `base_variables`). An orbax workdir gives its params and model_state.
+    """
+    converter = registry.state_dict_module(config.model)
+    local = local_path(path)
+    if local.is_dir():
+        params = _orbax_params(local, model, config)
+        return {"params": params, **_orbax_model_state(local, model, config)}
+    if converter is None:
+        base = None if base_variables is None else base_variables["params"]
+        return {"params": load_params(local, model, config, base)}
+    state = read_state_dict(local)
+    expected = expected_variables(model, config)
+    if not any(k.startswith(("backbone.", "decode_head.")) for k in state):
+        if base_variables is None or "stem.0.weight" not in state:
+            raise CheckpointError(
+                f"{local}: neither a {config.model.decode_head} checkpoint (backbone.*, "
+                "decode_head.*) nor an ImageNet backbone (stem.*, layer*.*)"
+            )
+        backbone = mmseg_conv.imagenet_backbone(state, expected, str(local))
+        merged = {}
+        for collection, tree in base_variables.items():
+            flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
+            if collection in backbone:
+                flat.update(traverse_util.flatten_dict(backbone[collection], sep="/"))
+            merged[collection] = traverse_util.unflatten_dict(flat, sep="/")
+        return jax.tree.map(jnp.asarray, merged)
+    variables = converter.state_dict_to_variables(state, expected, str(local))
+    return jax.tree.map(jnp.asarray, variables)
+
+
 def load_params(path, model, config: ml_collections.ConfigDict, base_params=None):
     """Params for `model` from a weights file; every mismatch is reported in one message.
 
@@ -112,6 +162,9 @@ def load_params(path, model, config: ml_collections.ConfigDict, base_params=None
     path = local_path(path)
     if path.is_dir():
         return _orbax_params(path, model, config)
+    if registry.state_dict_module(config.model) is not None:
+        base = None if base_params is None else {"params": base_params}
+        return load_variables(path, model, config, base)["params"]
     grid = tuple(s // config.model.patch_size for s in config.model.img_size)
     state = read_state_dict(path, grid)
     check_model_sizes(state, config, path)
@@ -126,6 +179,14 @@ def load_params(path, model, config: ml_collections.ConfigDict, base_params=None
         flat.update(traverse_util.flatten_dict(params, sep="/"))
         params = traverse_util.unflatten_dict(flat, sep="/")
     return jax.tree.map(jnp.asarray, params)
+
+
+def _orbax_model_state(path: pathlib.Path, model, config: ml_collections.ConfigDict) -> dict:
+    """The model_state item ({} for models without one) of an orbax workdir or step folder."""
+    abstract = expected_model_state(model, config)
+    if (path / "checkpoints").is_dir():
+        return checkpoint.restore_model_state(path, abstract)
+    return checkpoint.restore_model_state(path.parent.parent, abstract, int(path.name))
 
 
 def _orbax_params(path: pathlib.Path, model, config: ml_collections.ConfigDict):

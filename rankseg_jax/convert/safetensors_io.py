@@ -85,7 +85,8 @@ def save_safetensors(
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
             raise TypeError(f"state dict entry {key!r} is {type(value).__name__}, not an array")
-        tensors[key] = np.ascontiguousarray(value)
+        # (np.ascontiguousarray would turn a 0-d array, e.g. num_batches_tracked, into (1,))
+        tensors[key] = np.ascontiguousarray(value).reshape(value.shape)
     meta_json = _metadata_json(metadata or {})
     header = {_META_KEY: meta_json, _ORDER_KEY: json.dumps(list(tensors))}
     _atomic_write(path, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=header))

@@ -43,6 +43,7 @@ Today's Segmenter (vit + mask_transformer) keeps its parameter names: `backbone/
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any
 
@@ -70,7 +71,7 @@ def config_defaults() -> dict[str, Any]:
             if key in merged and merged[key] != value:
                 raise ValueError(f"model.{key}: components disagree on its default")
             merged[key] = value
-    return merged
+    return copy.deepcopy(merged)  # nested keys (e.g. `resnet`): the schema is updated in place
 
 
 def is_multi_level(m) -> bool:

@@ -23,9 +23,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> int:
     step = checkpoint.latest_step(workdir)
     output = output_dir(config, workdir)
     params = host_params(segmentor.params)
+    model_state = host_params(segmentor.model_state)  # BN running statistics, if any
     if jax.process_index() != 0:
         return 0
-    written = export_params(params, config, output, segmentor.weights, step)
+    written = export_params(params, config, output, segmentor.weights, step, model_state)
     print(f"exported {segmentor.weights} ({segmentor.num_params:,} parameters):")
     for path in written:
         print(f"  {path}")
