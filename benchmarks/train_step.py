@@ -21,6 +21,17 @@ in the state; model FLOPs = XLA's cost analysis of the compiled step, as no spec
 exists for them), e.g. DeepLabV3 R101-d8 + RankSeg beside Segmenter:
 
     python benchmarks/train_step.py --config configs/deeplabv3.py --batch 2 --resolution 256
+
+UperNet rows (issue #18), `--family upernet_swin|upernet_beit`: the full-size models of
+models/uper.py (Swin-B 512 / BEiT-L 640 by default, batch 16, `--uper-head rankseg|base`) with
+the recipe's optimiser (rankseg_jax.recipes) in one jitted step (forward with BN statistics,
+the decode + auxiliary losses, backward, AdamW update). `--remat none` keeps every block's
+activations, any other value checkpoints each backbone block (nn.remat). Where the step cannot
+be run (a CPU), `--lower-only` reports XLA's cost-analysis FLOPs of the lowered step and
+`--memory-only` compiles it and reports XLA's memory analysis (argument / output / temp /
+alias bytes; peak ≈ argument + output + temp − alias) without running it:
+
+    python benchmarks/train_step.py --family upernet_beit --remat full --memory-only
 """
 
 from __future__ import annotations
@@ -51,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-forward", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--family", default="segmenter", choices=("segmenter", "upernet_swin", "upernet_beit")
+    )
+    parser.add_argument("--uper-head", default="rankseg", choices=("rankseg", "base"))
+    parser.add_argument("--lower-only", action="store_true", help="UperNet: FLOPs, no compile")
+    parser.add_argument("--memory-only", action="store_true", help="UperNet: compile, no run")
     args = parser.parse_args(argv)
     apply_cpu_target(args)
     return args
@@ -392,10 +409,162 @@ def _tf(flops):
     return None if flops is None else flops / 1e12
 
 
+# ------------------------------------------------------------------------------ UperNet rows
+
+
+def uper_setup(args):
+    """(model, optimizer config, loss settings, batch size, side) of a full-size UperNet row."""
+    import jax.numpy as jnp
+
+    from rankseg_jax import config as config_lib
+    from rankseg_jax import recipes
+    from rankseg_jax.models import uper
+
+    swin = args.family == "upernet_swin"
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    remat = (args.remat or "none") != "none"
+    build = uper.upernet_swin if swin else uper.upernet_beit
+    model = build(150, args.uper_head, remat=remat, dtype=dtype)
+    optimizer = dict(recipes.SWIN_OPTIMIZER if swin else recipes.BEIT_OPTIMIZER)
+    if swin and args.uper_head == "rankseg":
+        optimizer["lr_mult"] = recipes.SWIN_RANKSEG_LR_MULT
+    iters, batch = recipes.UPERNET_LENGTH[("swin" if swin else "beit", "ade20k")]
+    config = config_lib.with_defaults(
+        dict(
+            total_steps=iters,
+            optimizer=optimizer,
+            schedule=recipes.SWIN_SCHEDULE if swin else recipes.BEIT_SCHEDULE,
+        )
+    )
+    with config.unlocked():
+        config.model.decode_head = "uper"  # mmseg-layout param names (optim.py)
+    loss = uper.SWIN_RANKSEG_LOSS if swin else uper.BEIT_RANKSEG_LOSS
+    # The recipe's batch per update is 16 (BEiT: 8 per iteration × update_interval 2).
+    batch = args.batch or 16
+    side = args.resolution or (512 if swin else 640)
+    return model, config, loss, batch, side
+
+
+def uper_main(args) -> None:
+    """Lower / compile / time the full UperNet training step; one JSON line."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from rankseg_jax import optim
+    from rankseg_jax.models.deeplab import deeplab_loss_terms
+
+    model, config, loss_config, batch, side = uper_setup(args)
+    tx = optim.make_optimizer(config)
+    images = jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch, side, side), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+    opt_state = jax.eval_shape(tx.init, variables["params"])
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+    def step(params, batch_stats, opt_state, images, labels, rng):
+        def loss_fn(p):
+            out, updated = model.apply(
+                {"params": p, "batch_stats": batch_stats},
+                images,
+                True,
+                mutable=["batch_stats"],
+                rngs={"dropout": rng},
+            )
+            terms = deeplab_loss_terms(out, labels, 150, loss_config)
+            return terms.total, updated["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    args_shapes = (variables["params"], variables["batch_stats"], opt_state, images, labels, rng)
+    record = dict(
+        benchmark="train_step",
+        framework="jax",
+        family=args.family,
+        head=args.uper_head,
+        resolution=[side, side],
+        batch=batch,
+        dtype=args.dtype or "float32",
+        remat=args.remat or "none",
+        params=n_params,
+        **device_info(),
+        **versions(),
+    )
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args_shapes)
+    record.update(
+        lower_s=time.perf_counter() - t0, lowered_cost_tflops=_tf(cost_analysis_flops(lowered))
+    )
+    if args.lower_only:
+        emit(record)
+        return
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    record.update(
+        compile_s=time.perf_counter() - t0,
+        xla_cost_tflops_per_step=_tf(cost_analysis_flops(compiled)),
+        **memory_analysis(compiled),
+    )
+    if args.memory_only:
+        emit(dict(record, **device_peak_memory()))
+        return
+    rng_key = jax.random.key_data(jax.random.key(args.seed))
+    data = np.random.default_rng(args.seed)
+    x = jnp.asarray(data.uniform(-1, 1, images.shape), jnp.float32)
+    y = jnp.asarray(data.integers(0, 150, labels.shape), jnp.int32)
+    real = jax.jit(model.init)(jax.random.key(args.seed), jnp.zeros((1, side, side, 3)))
+    holder = [real["params"], real["batch_stats"], jax.jit(tx.init)(real["params"])]
+
+    def one():
+        out = compiled(*holder, x, y, rng_key)
+        holder[:] = out[:3]
+        jax.block_until_ready(out[3])
+
+    timing = time_interleaved([one], args.steps, args.warmup)[0]
+    record.update(step_time_s=timing["median_s"], images_per_s=batch / timing["median_s"])
+    if record["xla_cost_tflops_per_step"]:
+        record["achieved_tflops_per_s"] = record["xla_cost_tflops_per_step"] / timing["median_s"]
+    emit(dict(record, **device_peak_memory()))
+
+
+def memory_analysis(compiled) -> dict:
+    """XLA's buffer assignment of a compiled executable, GiB (None where not reported)."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning nothing
+        mem = None
+    if mem is None:
+        return dict(hlo_peak_gb=None)
+    gib = 2.0**30
+    fields = dict(
+        hlo_argument_gb=mem.argument_size_in_bytes / gib,
+        hlo_output_gb=mem.output_size_in_bytes / gib,
+        hlo_temp_gb=mem.temp_size_in_bytes / gib,
+        hlo_alias_gb=mem.alias_size_in_bytes / gib,
+        hlo_generated_code_gb=mem.generated_code_size_in_bytes / gib,
+    )
+    fields["hlo_peak_gb"] = (
+        fields["hlo_argument_gb"]
+        + fields["hlo_output_gb"]
+        + fields["hlo_temp_gb"]
+        - fields["hlo_alias_gb"]
+    )
+    return fields
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     cores = pin_cores(args.threads) if args.threads else None
     import jax  # noqa: F401 - after pinning, so XLA's pool sees the affinity mask
+
+    if args.family != "segmenter":
+        uper_main(args)
+        return
 
     from rankseg_jax.flops import forward_flops
     from rankseg_jax.models import registry

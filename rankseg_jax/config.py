@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from rankseg_jax import optim
 from rankseg_jax.data import readers
 from rankseg_jax.errors import ConfigError
 from rankseg_jax.models import registry, segmenter
@@ -82,16 +83,31 @@ def schema() -> dict[str, Any]:
             name="sgd",
             lr=1e-3,
             momentum=0.9,
+            betas=(0.9, 0.999),  # adamw
             weight_decay=0.0,
-            # (substring, multiplier) pairs; the longest matching key wins (mmcv semantics).
+            # mmcv custom keys, (substring, multiplier) pairs; decay_mult and lr_mult form one
+            # dict and the longest matching key decides both (optim.py's docstring).
             decay_mult=(("pos_embed", 0.0), ("cls_token", 0.0), ("norm", 0.0)),
+            lr_mult=(),
+            # "default" (mmcv custom keys) | "layer_decay" (unilm's BEiT constructor: lr ×
+            # layer_decay_rate^(num_layers + 1 − layer id); custom keys must be empty).
+            constructor="default",
+            layer_decay_rate=1.0,
+            layer_decay_num_layers=0,
             grad_clip_norm=0.0,
             grad_accum_steps=1,
         ),
         # max_train_seconds: a wall-clock budget for the training loop (0 = off): training stops
         # at the first step that ends past it (checkpointed and evaluated there, like the last
         # step); the learning-rate schedule still follows total_steps.
-        schedule=dict(name="poly", power=0.9, min_lr=1e-5, warmup_steps=0, max_train_seconds=0.0),
+        schedule=dict(
+            name="poly",
+            power=0.9,
+            min_lr=1e-5,
+            warmup_steps=0,
+            warmup_ratio=0.1,  # mmcv's linear warm-up starts at warmup_ratio × the group's lr
+            max_train_seconds=0.0,
+        ),
         loss=dict(
             img_loss="asl",
             img_loss_weight=10.0,
@@ -245,6 +261,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if any(s > c for s, c in zip(config.eval.stride, config.eval.crop, strict=True)):
         raise ConfigError(f"eval.stride={config.eval.stride} exceeds eval.crop={config.eval.crop}")
+    optim.check_optimizer_config(config)
     if config.batch_size < 1:
         raise ConfigError(f"batch_size={config.batch_size} must be at least 1")
     if not config.schedule.max_train_seconds >= 0:  # also rejects NaN

@@ -404,11 +404,9 @@ def _check_finite(state: TrainState, step: int) -> None:
 
 def _log_step(writer, step, acc, timer, config, schedule, pipeline, workdir) -> None:
     """Scalars to TensorBoard/console and one JSON line per log step to metrics.jsonl."""
-    accum = max(int(config.optimizer.grad_accum_steps), 1)  # the schedule counts updates
     scalars = acc.mean()
-    scalars.update(
-        timer.report(config.batch_size), learning_rate=float(schedule((step - 1) // accum))
-    )
+    # The schedule counts iterations (micro-batches with grad accumulation; optim.py).
+    scalars.update(timer.report(config.batch_size), learning_rate=float(schedule(step - 1)))
     scalars.update(_peak_memory(), skipped_records=pipeline.num_skipped)
     writer.write_scalars(step, scalars)
     if jax.process_index() == 0:

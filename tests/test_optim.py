@@ -214,7 +214,11 @@ def test_sgd_with_grad_clipping_matches_torch(torch):
 
 
 def test_grad_accumulation_equals_one_step_on_the_mean():
+    """Clip, weight decay and momentum see the mean gradient; a constant lr (power 0) so that
+    the schedule's iteration count (tested in test_optim_recipes.py) plays no part."""
     config = small_config("sgd", grad_clip_norm=5.0, decay_mult=recipes.RANKSEG_DECAY_MULT)
+    with config.unlocked():
+        config.schedule.power = 0.0
     shapes = param_shapes(config)
     params = random_tree(shapes, 0)
     g1, g2 = random_tree(shapes, 1), random_tree(shapes, 2)

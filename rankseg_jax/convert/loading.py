@@ -8,7 +8,10 @@ Conv families (decode heads with a `STATE_DICT` converter in the model registry,
 DeepLabV3): the whole mmseg layout, BN running statistics included, loads into variables
 {'params', 'batch_stats'} (`load_variables`); an mmcv ImageNet backbone checkpoint (keys
 `stem.*`, `layer*.*`, e.g. `resnet101_v1c`) fills the `backbone` of the given initial
-variables (the classifier `fc.*` is dropped).
+variables (the classifier `fc.*` is dropped); so do the public Swin and BEiT classification
+files of the UperNet rows (convert/mmseg_upernet.pretrained_backbone: renamed, BEiT's relative
+position tables interpolated to the model's grid; Swin's stage norms and BEiT's fpn necks keep
+their initial values).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from rankseg_jax import checkpoint
-from rankseg_jax.convert import mmseg, mmseg_conv
+from rankseg_jax.convert import mmseg, mmseg_conv, mmseg_upernet
 from rankseg_jax.convert.augreg_npz import augreg_npz_to_mmseg
 from rankseg_jax.convert.safetensors_io import load_safetensors
 from rankseg_jax.convert.segmenter_layout import state_dict_from_checkpoint
@@ -135,12 +138,17 @@ def load_variables(path, model, config: ml_collections.ConfigDict, base_variable
     state = read_state_dict(local)
     expected = expected_variables(model, config)
     if not any(k.startswith(("backbone.", "decode_head.")) for k in state):
-        if base_variables is None or "stem.0.weight" not in state:
+        kind = mmseg_upernet.pretrained_kind(state)  # Swin / BEiT classification files
+        if base_variables is None or ("stem.0.weight" not in state and kind is None):
             raise CheckpointError(
                 f"{local}: neither a {config.model.decode_head} checkpoint (backbone.*, "
-                "decode_head.*) nor an ImageNet backbone (stem.*, layer*.*)"
+                "decode_head.*) nor an ImageNet backbone (ResNet stem.*, Swin layers.*, BEiT "
+                "blocks.*)"
             )
-        backbone = mmseg_conv.imagenet_backbone(state, expected, str(local))
+        if kind is None:
+            backbone = mmseg_conv.imagenet_backbone(state, expected, str(local))
+        else:
+            backbone = mmseg_upernet.pretrained_backbone(state, expected, str(local))
         merged = {}
         for collection, tree in base_variables.items():
             flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")

@@ -16,6 +16,11 @@ As the RankSeg fork's `backbones/beit.py` configures it for the BEiT-L/16 640 ro
 
 Parameter names mirror the torch state dict (`blocks_{i}/attn/q_bias`, `fpn1_0/weight`, ...);
 the transposed convs keep torch's (in, out, kh, kw) weight layout.
+
+Registry component `beit` (models/registry.py): `CONFIG` (`config.model.beit`), `check_config`,
+`build`, `out_width` (four maps of embed_dim channels: a multi-level encoder), `size_multiple`.
+The relative position index is built for the variant's grid, so `model.img_size` must be the
+variant's `img_size` (the rows evaluate with sliding windows of that size).
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.conv import BatchNorm
 from rankseg_jax.models.layers import DropPath, Dtype, gelu, layer_norm
 
@@ -242,3 +249,54 @@ class _PatchEmbed(nn.Module):
             self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="proj"
         )
         return conv(images)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry component `beit`
+# --------------------------------------------------------------------------------------------
+
+# `config.model.beit`: the fb7a30f BEiT-L/16 640 rows (drop-path 0.2, out_indices 7/11/15/23).
+# `model.remat` 'full' checkpoints every block (nn.remat; benchmarks/README.md).
+CONFIG: dict = dict(beit=dict(variant="beit_large_640", drop_path_rate=0.2))
+REMAT_CHOICES = ("none", "full")
+
+
+def check_config(m: ml_collections.ConfigDict) -> None:
+    """ConfigError (naming the key) for BEiT settings that cannot work."""
+    if m.beit.variant not in BEIT_VARIANTS:
+        raise ConfigError(
+            f"model.beit.variant={m.beit.variant!r} is not one of {', '.join(BEIT_VARIANTS)}"
+        )
+    v = BEIT_VARIANTS[m.beit.variant]
+    if tuple(m.img_size) != (v.img_size, v.img_size):
+        raise ConfigError(
+            f"model.img_size={tuple(m.img_size)}: the {m.beit.variant} backbone is built for "
+            f"{v.img_size}×{v.img_size} inputs (its relative position grid)"
+        )
+    if not 0.0 <= m.beit.drop_path_rate < 1.0:
+        raise ConfigError(f"model.beit.drop_path_rate={m.beit.drop_path_rate} must be in [0, 1)")
+    if m.remat not in REMAT_CHOICES:
+        raise ConfigError(
+            f"model.remat={m.remat!r}: the beit encoder has {', '.join(REMAT_CHOICES)} "
+            "(per-block checkpointing)"
+        )
+
+
+def build(m: ml_collections.ConfigDict, dtype: Dtype) -> BEiT:
+    """The BEiT backbone of `config.model.beit` (+ `model.remat`)."""
+    return BEiT(
+        BEIT_VARIANTS[m.beit.variant],
+        float(m.beit.drop_path_rate),
+        dtype,
+        remat=m.remat == "full",
+    )
+
+
+def out_width(m: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Widths of the four outputs (fpn1..fpn4 keep embed_dim)."""
+    return (BEIT_VARIANTS[m.beit.variant].embed_dim,) * 4
+
+
+def size_multiple(m: ml_collections.ConfigDict) -> int:
+    """Crops must be multiples of the patch size (and equal img_size: check_config)."""
+    return BEIT_VARIANTS[m.beit.variant].patch_size

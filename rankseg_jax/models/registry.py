@@ -47,15 +47,18 @@ import copy
 import types
 from typing import Any
 
-from rankseg_jax.models import aspp, heads, resnet, vit
+from rankseg_jax.models import aspp, beit, heads, resnet, swin, uper, vit
 
 ENCODERS: dict[str, types.ModuleType] = {
     "vit": vit,
     "resnet": resnet,
+    "swin": swin,
+    "beit": beit,
 }
 DECODE_HEADS: dict[str, types.ModuleType] = {
     "mask_transformer": heads,
     "aspp": aspp,
+    "uper": uper,
 }
 CLASSIFIERS = ("full", "rankseg", "gt")
 

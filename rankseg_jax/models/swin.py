@@ -18,6 +18,9 @@ operation, so that converted mmseg checkpoints reproduce its outputs:
 
 Parameter names mirror the mmseg state dict (`stages_{i}/blocks_{j}/attn/w_msa/qkv`, ...), so
 the checkpoint mapping is generic (convert/mmseg_upernet.py).
+
+Registry component `swin` (models/registry.py): `CONFIG` (`config.model.swin`), `check_config`,
+`build`, `out_width` (the four stage widths: a multi-level encoder), `size_multiple`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.layers import DropPath, Dtype, gelu, layer_norm
 
 TRUNC_INIT = nn.initializers.truncated_normal(0.02)
@@ -331,3 +336,50 @@ class _Stage(nn.Module):
             return x, hw, x, hw
         merged, hw_down = PatchMerging(2 * x.shape[-1], self.dtype, name="downsample")(x, hw)
         return merged, hw_down, x, hw
+
+
+# --------------------------------------------------------------------------------------------
+# Registry component `swin`
+# --------------------------------------------------------------------------------------------
+
+# `config.model.swin`: the UperNet Swin-B rows (mmseg `upernet_swin` + the Swin-B 22k 384 row:
+# window 12, drop-path 0.3). `model.remat` 'full' checkpoints every block (nn.remat).
+CONFIG: dict = dict(swin=dict(variant="swin_base_w12", drop_path_rate=0.3))
+REMAT_CHOICES = ("none", "full")
+
+
+def check_config(m: ml_collections.ConfigDict) -> None:
+    """ConfigError (naming the key) for Swin settings that cannot work."""
+    if m.swin.variant not in SWIN_VARIANTS:
+        raise ConfigError(
+            f"model.swin.variant={m.swin.variant!r} is not one of {', '.join(SWIN_VARIANTS)}"
+        )
+    if not 0.0 <= m.swin.drop_path_rate < 1.0:
+        raise ConfigError(f"model.swin.drop_path_rate={m.swin.drop_path_rate} must be in [0, 1)")
+    if m.remat not in REMAT_CHOICES:
+        raise ConfigError(
+            f"model.remat={m.remat!r}: the swin encoder has {', '.join(REMAT_CHOICES)} "
+            "(per-block checkpointing)"
+        )
+
+
+def build(m: ml_collections.ConfigDict, dtype: Dtype) -> SwinTransformer:
+    """The SwinTransformer of `config.model.swin` (+ `model.remat`)."""
+    return SwinTransformer(
+        SWIN_VARIANTS[m.swin.variant],
+        float(m.swin.drop_path_rate),
+        dtype,
+        remat=m.remat == "full",
+    )
+
+
+def out_width(m: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Widths of the four stage outputs (C, 2C, 4C, 8C)."""
+    c = SWIN_VARIANTS[m.swin.variant].embed_dims
+    return tuple(c * 2**i for i in range(4))
+
+
+def size_multiple(m: ml_collections.ConfigDict) -> int:
+    """Any crop works: the patch embedding, the windows and the merging pad as mmseg does."""
+    del m
+    return 1

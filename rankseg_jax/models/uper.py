@@ -13,6 +13,12 @@
 
 Bilinear resizes are torch's with align_corners=False (`segmenter.resize_bilinear`). The model
 returns the dict of models/deeplab.py (masks, topk, img_logits, aux_masks, features).
+
+Registry component `uper` (decode head, models/registry.py): `CONFIG` (the shared conv-head
+keys + `uper.pool_scales`), `check_config`, `build`, `build_aux` (the FCN auxiliary head on
+`conv_head.aux_in_index`), `STATE_DICT` (convert/mmseg_upernet.py). With the `swin` / `beit`
+encoders it composes the same modules (and parameter names) as `upernet_swin` / `upernet_beit`
+below, which the parity tests use.
 """
 
 from __future__ import annotations
@@ -22,12 +28,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from rankseg_jax.convert import mmseg_upernet
+from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.beit import BEIT_VARIANTS, BEiT
 from rankseg_jax.models.conv import ConvModule
-from rankseg_jax.models.conv_heads import FCNHead, conv_seg, rankseg_classify
+from rankseg_jax.models.conv_heads import (
+    CONV_HEAD_CONFIG,
+    FCNHead,
+    build_aux,
+    check_conv_head,
+    conv_seg,
+    rankseg_classify,
+    rankseg_settings,
+)
 from rankseg_jax.models.heads import adaptive_avg_pool
-from rankseg_jax.models.segmenter import resize_bilinear, scatter_to_classes
+from rankseg_jax.models.layers import resize_bilinear, scatter_to_classes
 from rankseg_jax.models.swin import SWIN_VARIANTS, SwinTransformer
 
 Dtype = Any
@@ -249,3 +266,50 @@ def small_upernet(
     if backbone == "beit":
         return upernet_beit(n_cls, head, variant="beit_test", **small)
     raise ValueError(f"small_upernet backbone={backbone!r}: 'swin' or 'beit'")
+
+
+# --------------------------------------------------------------------------------------------
+# Registry component `uper` (decode head)
+# --------------------------------------------------------------------------------------------
+
+# `config.model` keys: the shared conv-head keys (models/conv_heads.py: channels, auxiliary FCN
+# head, RankSeg image-level head) and `uper.pool_scales` (mmseg UPerHead's PPM).
+CONFIG: dict[str, Any] = dict(**CONV_HEAD_CONFIG, uper=dict(pool_scales=(1, 2, 3, 6)))
+STATE_DICT = mmseg_upernet  # mmseg state dict ⇄ variables (+ relative position indices)
+__all__ = [
+    "CONFIG",
+    "STATE_DICT",
+    "UPerHead",
+    "UperNet",
+    "build",
+    "build_aux",
+    "check_config",
+    "inference_logits",
+    "small_upernet",
+    "upernet_beit",
+    "upernet_swin",
+]
+
+
+def check_config(m: ml_collections.ConfigDict) -> None:
+    """ConfigError (naming the key) for UperNet head settings that cannot work."""
+    check_conv_head(m)
+    if not m.uper.pool_scales or min(m.uper.pool_scales) < 1:
+        raise ConfigError(f"model.uper.pool_scales={tuple(m.uper.pool_scales)}: values ≥ 1")
+
+
+def build(m: ml_collections.ConfigDict, in_width: tuple[int, ...], dtype: Dtype) -> UPerHead:
+    """UPerHead over the encoder's four outputs; RankSeg's image head reads the last one."""
+    if not isinstance(in_width, tuple):
+        raise ConfigError(
+            f"model.decode_head='uper' needs a multi-level encoder (swin, beit, resnet), "
+            f"not model.encoder={m.encoder!r}"
+        )
+    return UPerHead(
+        m.n_cls,
+        int(m.conv_head.channels),
+        tuple(int(s) for s in m.uper.pool_scales),
+        float(m.dropout),
+        rankseg_settings(m),
+        dtype=dtype,
+    )
