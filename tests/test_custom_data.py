@@ -10,6 +10,7 @@ import pathlib
 import shutil
 
 import cv2
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,19 +87,29 @@ def _outputs(head: str, rng: np.random.Generator, n_cls: int = 7, k: int = 5):
     return out, jnp.asarray(labels, jnp.int32)
 
 
+class _Frozen(dict):
+    """A hashable loss config (a static jit argument)."""
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.items())))
+
+
 @pytest.mark.parametrize("head", ["mask", "rankseg"])
 def test_loss_terms_use_the_class_weights_and_dice(head):
     rng = np.random.default_rng(0)
     outputs, labels = _outputs(head, rng)
     weight = jnp.asarray([0.5, 1.0, 2.0, 0.0, 1.5, 3.0, 1.0], jnp.float32)
-    plain = losses.loss_terms(outputs, labels, LOSS_CONFIG, 7)
-    weighted = losses.loss_terms(outputs, labels, LOSS_CONFIG, 7, class_weight=weight)
-    batch, alone = losses.weighted_seg_loss(outputs, labels, weight)
+    terms = jax.jit(  # compiled: much faster than op-by-op here
+        lambda cfg, out, lab, w: losses.loss_terms(out, lab, cfg, 7, class_weight=w),
+        static_argnums=0,
+    )
+    plain = terms(_Frozen(LOSS_CONFIG), outputs, labels, None)
+    weighted = terms(_Frozen(LOSS_CONFIG), outputs, labels, weight)
+    batch, alone = jax.jit(losses.weighted_seg_loss)(outputs, labels, weight)
     np.testing.assert_allclose(weighted.metrics["decode.loss_seg"], batch, rtol=1e-6)
     np.testing.assert_allclose(weighted.per_image["decode.loss_seg"], alone, rtol=1e-6)
     assert abs(float(weighted.metrics["decode.loss_seg"] - plain.metrics["decode.loss_seg"])) > 1e-3
-    dice_config = dict(LOSS_CONFIG, dice_weight=0.4)
-    with_dice = losses.loss_terms(outputs, labels, dice_config, 7, class_weight=weight)
+    with_dice = terms(_Frozen(dict(LOSS_CONFIG, dice_weight=0.4)), outputs, labels, weight)
     logits = losses.upsample_logits(outputs["masks"], labels.shape[1:])
     target = labels
     if head == "rankseg":
