@@ -111,10 +111,14 @@ def test_resume_refuses_another_model(synthetic_ade, tmp_path):
     assert saved[0]["weights"].startswith("random init") and saved[0]["git"]
 
 
-STEPS = 100  # long enough that the kill lands mid-run (checkpoints every 3 steps)
+# Long enough that the kill lands mid-run: the kill follows the step-3 checkpoint and 9 more
+# synchronous checkpoints (every 3 steps) remain before the end. (100 steps tested the same
+# resume at twice the cost.)
+STEPS = 30
 
 
-def run_main(workdir, data_root, steps, *extra, wait=True):
+def run_main(workdir, data_root, steps, *extra, wait=True, cache_env=None):
+    """main.py on the tiny model; cache_env: the shared compilation cache (compile_cache_env)."""
     args = [
         sys.executable, str(REPO / "main.py"), "--config=configs/demo.py:runlocal",
         f"--workdir={workdir}", "--mode=train", f"--config.total_steps={steps}",
@@ -130,7 +134,7 @@ def run_main(workdir, data_root, steps, *extra, wait=True):
         "--config.logging.every_steps=3", "--config.model.drop_path_rate=0.1",
         "--config.model.dropout=0.1", *extra,
     ]  # fmt: skip
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(cache_env or {}))
     proc = subprocess.Popen(
         args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: SIGKILL reaches the data workers too
@@ -159,22 +163,22 @@ def kill_after_checkpoint(proc, workdir, step, sig):
 
 
 @pytest.fixture(scope="module")
-def straight_run(synthetic_ade, tmp_path_factory):
+def straight_run(synthetic_ade, tmp_path_factory, compile_cache_env):
     workdir = tmp_path_factory.mktemp("straight")
-    run_main(workdir, synthetic_ade, STEPS)
+    run_main(workdir, synthetic_ade, STEPS, cache_env=compile_cache_env)
     return workdir
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_run_resumes_exactly(synthetic_ade, straight_run, tmp_path, sig):
-    """12 steps straight == killed after a checkpoint and restarted (dropout, drop-path,
+def test_killed_run_resumes_exactly(synthetic_ade, straight_run, tmp_path, sig, compile_cache_env):
+    """STEPS steps straight == killed after a checkpoint and restarted (dropout, drop-path,
     1 data worker with prefetch): identical final params on CPU."""
-    proc = run_main(tmp_path, synthetic_ade, STEPS, wait=False)
+    proc = run_main(tmp_path, synthetic_ade, STEPS, wait=False, cache_env=compile_cache_env)
     code = kill_after_checkpoint(proc, tmp_path, 3, sig)
     if sig == signal.SIGTERM:
         assert code == 0  # saved and exited cleanly
     assert checkpoint.latest_step(tmp_path) < STEPS
-    out = run_main(tmp_path, synthetic_ade, STEPS)
+    out = run_main(tmp_path, synthetic_ade, STEPS, cache_env=compile_cache_env)
     assert "final mIoU" in out
     config = saved_config(straight_run)
     a, b = final_params(config, straight_run), final_params(config, tmp_path)
@@ -214,6 +218,8 @@ def test_workdir_checkpoint_wins_over_init_from(synthetic_ade, straight_run, tmp
     with config.unlocked():
         config.init_from = str(pathlib.Path(straight_run))
         config.data.num_workers = 0
+        config.checkpoint.every_steps = 0  # the last step's checkpoint is the one that matters
+        config.logging.every_steps = 0
     train_lib.train_and_evaluate(config, str(tmp_path))  # starts from init_from (orbax dir)
     starts = json.loads((tmp_path / "provenance.json").read_text())
     assert starts[-1]["weights"].startswith("init_from")
