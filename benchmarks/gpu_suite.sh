@@ -41,6 +41,8 @@ row b16_bs32_auto 120 benchmarks/train_step.py "${B16[@]}" --batch 32 --attentio
 row b16_bs64_auto 150 benchmarks/train_step.py "${B16[@]}" --batch 64 --attention auto --skip-forward
 row l16_640_bs8 150 benchmarks/train_step.py --variant L/16 --head rankseg --resolution 640 \
   --batch 8 --dtype bfloat16 --attention auto --remat none --steps 5 --warmup 2 --skip-forward
+row deeplab_r101_rankseg_bs16 240 benchmarks/train_step.py --config configs/deeplabv3.py \
+  --resolution 512 --batch 16 --dtype bfloat16 --steps 5 --warmup 2 --skip-forward
 row eval_2000 150 benchmarks/eval.py --variant B/16 --head rankseg --resolution 512 \
   --dtype bfloat16 --images 2000 --window-batch 16
 row input_pipeline 90 benchmarks/input_pipeline.py --workers 8,16 --images 512

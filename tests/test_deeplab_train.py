@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from rankseg_jax import checkpoint
+from rankseg_jax import checkpoint, predict, visualize
 from rankseg_jax import config as config_lib
 from rankseg_jax.convert import export, loading, mmseg_conv
 from rankseg_jax.models.segmenter import CANVAS_FILL, create_model
@@ -62,6 +62,20 @@ def test_official_checkpoint_through_config_segmentor_and_export(
         scores, topk = seg.class_scores(x.transpose(0, 2, 3, 1))
         np.testing.assert_array_equal(topk, ref["topk_index"])
         assert _rel(scores, ref["img_pred"]) <= TOL
+        # --mode=predict's per-image path: RankSeg's image-level ranking with running stats
+        predictor = predict.Predictor(seg)
+        image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+        pred = predictor(image)
+        assert pred.labels.shape == (40, 56) and pred.scores.shape == (171,)
+        assert "RankSeg" in pred.score_kind and pred.selected is not None
+        record = predict.prediction_record(predictor, pred, "x.png", image.shape[:2])
+        assert len(record["topk"]) == 50 and record["selected"]
+        fig = visualize.ranking_figure(
+            image, pred.labels, pred.scores, predictor.class_names, predictor.palette, topk=10,
+            score_label=pred.score_kind, title="x",
+        )  # fmt: skip
+        visualize.save_figure(fig, str(tmp_path / "ranking.png"))
+        assert (tmp_path / "ranking.png").stat().st_size > 0
 
     config = config_lib.load_config(spec)
     written = export.export_params(
