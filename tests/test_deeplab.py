@@ -416,13 +416,13 @@ def _mesh_worker(out_path: str) -> None:
     from rankseg_jax import checkpoint
     from rankseg_jax import config as config_lib
     from rankseg_jax import sharding as shd
-    from rankseg_jax.models import resnet
 
-    # One bottleneck per stage (4 blocks instead of ResNet-50's 16): what is under test is how
-    # BN statistics and FSDP-sharded conv kernels behave on a mesh, not the depth, and the
-    # four step compilations take a quarter of the time. Test-only, in this subprocess.
-    resnet.DEPTHS.setdefault(14, (1, 1, 1, 1))
-    model = small_deeplabv3(N_CLS, "rankseg", depth=14, dropout=0.0, img_dropout=0.0)
+    # One bottleneck per stage (4 blocks instead of ResNet-50's 16; mmseg's `stage_blocks`):
+    # what is under test is how BN statistics and FSDP-sharded conv kernels behave on a mesh,
+    # not the depth, and the four step compilations take a quarter of the time.
+    model = small_deeplabv3(
+        N_CLS, "rankseg", stage_blocks=(1, 1, 1, 1), dropout=0.0, img_dropout=0.0
+    )
     rng = np.random.default_rng(0)
     x = rng.normal(0.0, 1.0, (8, 32, 32, 3)).astype(np.float32) + np.linspace(-1, 1, 8)[
         :, None, None, None

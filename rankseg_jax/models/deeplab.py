@@ -49,6 +49,7 @@ def deeplabv3(
     head: str = "rankseg",
     *,
     depth: int = 101,
+    stage_blocks: tuple[int, ...] | None = None,
     stem_channels: int = 64,
     base_channels: int = 64,
     channels: int = 512,
@@ -91,7 +92,7 @@ def deeplabv3(
             ),
         )
     return DeepLabV3(
-        backbone=ResNetV1c(depth, stem_channels, base_channels, **kw),
+        backbone=ResNetV1c(depth, stem_channels, base_channels, stage_blocks=stage_blocks, **kw),
         decode_head=ASPPHead(n_cls, channels, tuple(dilations), dropout, rankseg, **kw),
         auxiliary_head=FCNHead(n_cls, aux_channels, dropout=dropout, **kw) if auxiliary else None,
         n_cls=n_cls,

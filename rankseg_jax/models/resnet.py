@@ -42,6 +42,9 @@ CONFIG: dict[str, Any] = dict(
         strides=(1, 2, 1, 1),
         dilations=(1, 1, 2, 4),
         contract_dilation=True,
+        # Blocks per stage, mmseg ResNet's `stage_blocks`: () = the depth's (3, 4, 23, 3) for
+        # 101. Fewer blocks make small test models that keep every kind of block and stage.
+        stage_blocks=(),
     )
 )
 
@@ -112,6 +115,7 @@ class ResNetV1c(nn.Module):
     contract_dilation: bool = True
     dtype: Dtype = jnp.float32
     bn_axis_name: str | None = None
+    stage_blocks: tuple[int, ...] | None = None  # None: DEPTHS[depth]
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
@@ -128,7 +132,7 @@ class ResNetV1c(nn.Module):
         x = max_pool_3x3_s2(x)
         outs = []
         in_channels = self.stem_channels
-        for stage, n_blocks in enumerate(DEPTHS[self.depth]):
+        for stage, n_blocks in enumerate(self.stage_blocks or DEPTHS[self.depth]):
             planes = self.base_channels * 2**stage
             stride, dilation = self.strides[stage], self.dilations[stage]
             for j in range(n_blocks):
@@ -153,6 +157,8 @@ def check_config(m: ml_collections.ConfigDict) -> None:
     r = m.resnet
     if r.depth not in DEPTHS:
         raise ConfigError(f"model.resnet.depth={r.depth} is not one of {sorted(DEPTHS)}")
+    if r.stage_blocks and (len(r.stage_blocks) != 4 or min(r.stage_blocks) < 1):
+        raise ConfigError(f"model.resnet.stage_blocks={tuple(r.stage_blocks)}: () or four ints ≥ 1")
     for key in ("strides", "dilations"):
         if len(r[key]) != 4 or min(r[key]) < 1:
             raise ConfigError(f"model.resnet.{key}={tuple(r[key])}: four values ≥ 1")
@@ -174,6 +180,7 @@ def build(m: ml_collections.ConfigDict, dtype: Dtype) -> ResNetV1c:
         tuple(int(d) for d in r.dilations),
         bool(r.contract_dilation),
         dtype=dtype,
+        stage_blocks=tuple(int(n) for n in r.stage_blocks) or None,
     )
 
 
