@@ -123,7 +123,7 @@ def test_train_steps_with_batch_stats():
         config.optimizer.grad_accum_steps = 2
     mesh = shd.mesh_from_config(config, jax.devices()[:1])
     model, tx = create_model(config.model), optim.make_optimizer(config)
-    state = train.create_state(config, model, tx, mesh)
+    state = train.create_state(config, model, tx, mesh, compiler_options=FAST_COMPILE)
     shardings = train.config_state_shardings(state, mesh, config)
     step_fn = train.compile_train_step(model, tx, config, shardings, shd.batch_sharding(mesh))
     stats0 = jax.device_get(state.model_state)["batch_stats"]
