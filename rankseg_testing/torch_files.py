@@ -126,9 +126,12 @@ def write_torch_zip(
         zf.writestr(f"{prefix}/version", version)
 
 
-def write_state_dict_pth(path: str, state_dict: dict[str, np.ndarray], *, key: str = "state_dict"):
+def write_state_dict_pth(
+    path: str, state_dict: dict[str, np.ndarray], *, key: str | None = "state_dict"
+):
     """A ``torch.save({key: OrderedDict(name -> tensor)})`` file of contiguous little-endian
-    arrays (mmseg's checkpoint layout when key="state_dict"), written without torch."""
+    arrays (mmseg's checkpoint layout when key="state_dict"; the bare ``OrderedDict`` when key
+    is None, as ``torch.save(model.state_dict())`` writes it), written without torch."""
     specs, storages = collections.OrderedDict(), {}
     for index, (name, value) in enumerate(state_dict.items()):
         array = np.asarray(value, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
@@ -138,4 +141,4 @@ def write_state_dict_pth(path: str, state_dict: dict[str, np.ndarray], *, key: s
         stride = tuple(int(s) // array.itemsize for s in array.strides)
         specs[name] = TensorSpec(storage, array.dtype.newbyteorder("="), array.size, 0,
                                  tuple(array.shape), stride)  # fmt: skip
-    write_torch_zip(path, build_pickle({key: specs}), storages)
+    write_torch_zip(path, build_pickle(specs if key is None else {key: specs}), storages)

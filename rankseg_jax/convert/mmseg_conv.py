@@ -122,14 +122,24 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> StateDict:
 
 
 def state_dict_to_variables(
-    state_dict: Mapping[str, np.ndarray], expected: Mapping[str, Any], source: str = "state dict"
+    state_dict: Mapping[str, np.ndarray],
+    expected: Mapping[str, Any],
+    source: str = "state dict",
+    key_prefix: str = "",
 ) -> dict[str, Any]:
     """Strict mmseg state dict → Flax variables shaped like `expected` (e.g. `jax.eval_shape` of
-    the model's init). Raises CheckpointError listing every problem."""
+    the model's init). Raises CheckpointError listing every problem.
+
+    `key_prefix`: the state dict's keys lack this prefix of the model's names (an ImageNet
+    backbone file names `stem.0.weight` what the segmentor calls `backbone.stem.0.weight`);
+    problems are then reported in the file's own names.
+    """
     wanted = {}
     for (collection, path), leaf in _leaves(expected).items():
         key, kind = torch_key(collection, path, len(leaf.shape))
-        wanted[key] = (collection, path, kind, tuple(leaf.shape), leaf.dtype)
+        if not key.startswith(key_prefix):
+            raise ValueError(f"model key {key} lacks the prefix {key_prefix!r}")
+        wanted[key[len(key_prefix) :]] = (collection, path, kind, tuple(leaf.shape), leaf.dtype)
     missing = [k for k in wanted if k not in state_dict]
     unexpected = [k for k in state_dict if k not in wanted]
     misshaped = [
@@ -159,9 +169,18 @@ def imagenet_backbone(
     """mmcv ImageNet ResNetV1c state dict (`stem.*`, `layer*.*`, `fc.*`) → the `backbone`
     subtree of `expected` (variables with a top-level 'backbone' in each collection).
 
-    The classifier (`fc.*`) is dropped; every other key must fit the backbone strictly. Returns
-    {'params': {'backbone': ...}, 'batch_stats': {'backbone': ...}}.
+    The classifier (`fc.*`) is dropped; every other key must fit the backbone strictly (a
+    missing or extra key is one CheckpointError naming `source` and the file's keys), except
+    that a missing BN `num_batches_tracked` counts 0, as torch's BatchNorm loads a file saved
+    before that buffer existed. Returns {'params': {'backbone': ...}, 'batch_stats':
+    {'backbone': ...}}.
     """
-    prefixed = {f"backbone.{k}": v for k, v in state_dict.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
     backbone = {c: {"backbone": expected[c]["backbone"]} for c in ("params", "batch_stats")}
-    return state_dict_to_variables(prefixed, backbone, source)
+    for (collection, path), _ in _leaves(backbone).items():
+        if collection == "batch_stats" and path[-1] == "num_batches_tracked":
+            key = torch_key(collection, path, 0)[0].removeprefix("backbone.")
+            state.setdefault(key, np.zeros((), np.int64))
+    return state_dict_to_variables(
+        state, backbone, f"{source} (as an ImageNet ResNet backbone)", key_prefix="backbone."
+    )
