@@ -335,10 +335,20 @@ def resolve_init_weights(config: ml_collections.ConfigDict) -> InitWeights | Non
     return None
 
 
-def initial_state(config, workdir, model, tx, mesh, manager, init: InitWeights | None = None):
+def initial_state(
+    config,
+    workdir,
+    model,
+    tx,
+    mesh,
+    manager,
+    init: InitWeights | None = None,
+    compiler_options: dict | None = None,
+):
     """(state, data_state, origin): the workdir's latest checkpoint wins over init_from and
     model.pretrained (`init`, resolved beforehand by `resolve_init_weights`); state leaves are
-    created directly with their shardings."""
+    created directly with their shardings. `compiler_options`: XLA options of the state's
+    compiles (tests: a faster CPU compile)."""
 
     make, abstract = _abstract_state(model, tx, config, tuple(config.model.img_size))
     shardings = config_state_shardings(abstract, mesh, config)
@@ -352,16 +362,18 @@ def initial_state(config, workdir, model, tx, mesh, manager, init: InitWeights |
         )
         state = with_train_items(target, params, train).replace(model_state=dict(model_state))
         return state, data_state, f"checkpoint step {step}"
-    state = jax.jit(make, out_shardings=shardings)()
+    state = jax.jit(make, out_shardings=shardings, compiler_options=compiler_options)()
     if init is None:
         return state, None, f"random init (seed {config.seed})"
     base = {"params": state.params, **state.model_state}
     variables = loading.load_variables(init.path, model, config, base_variables=base)
     params = jax.device_put(variables.pop("params"), shardings.params)
     model_state = jax.device_put(variables, shardings.model_state)  # BN stats, if any
-    state = jax.jit(functools.partial(new_state, tx=tx, seed=config.seed), out_shardings=shardings)(
-        params, model_state=model_state
-    )
+    state = jax.jit(
+        functools.partial(new_state, tx=tx, seed=config.seed),
+        out_shardings=shardings,
+        compiler_options=compiler_options,
+    )(params, model_state=model_state)
     return state, None, init.describe()
 
 

@@ -33,6 +33,10 @@ from rankseg_testing.file_server import FileServer
 from rankseg_testing.torch_files import write_state_dict_pth
 
 NAME = "resnet101_v1c"
+# XLA CPU at optimisation level 0 (as tests/test_upernet_runtime.py): the state's compile takes
+# about a third of the default time; the values it produces are those of an init, not compared
+# across compilers.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _imagenet_v1c(stem: int, base: int, blocks: tuple[int, ...], seed: int = 0) -> dict:
@@ -130,8 +134,9 @@ def _loaded_state(config, workdir, init, monkeypatch):
     model, tx = create_model(config.model), optim.make_optimizer(config)
     manager = checkpoint.make_manager(workdir, config)
     state, _, origin = train.initial_state(
-        config, workdir, model, tx, shd.mesh_from_config(config), manager, init
-    )
+        config, workdir, model, tx, shd.mesh_from_config(config), manager, init,
+        compiler_options=FAST_COMPILE,
+    )  # fmt: skip
     manager.close()
     return state, caught, origin
 
