@@ -8,8 +8,11 @@ server under the registry's file name. The layout is built here from mmseg's
 nn.Sequential conv/BN/ReLU ×3, so its convs are `stem.0/3/6` and BNs `stem.1/4/7`; each
 `layer{i}` is a ResLayer of Bottlenecks registering conv1, bn1, conv2, bn2, conv3, bn3 and, on
 the first block, `downsample` = Sequential(conv, BN)), plus the ImageNet classifier `fc.weight`
-(1000, C) / `fc.bias` (1000,) such a classification checkpoint carries, wrapped as mmcv saves
-it ({'meta', 'state_dict'}). Independently of rankseg_jax.convert, so a layout bug there fails.
+(1000, C) / `fc.bias` (1000,) such a classification checkpoint carries, wrapped in a
+{'state_dict': ...} dict (which copies of the real file are read from, e.g. a Paddle port's
+`state['state_dict']`) and, in one test, bare (mmcv's loader takes both). Written here, apart
+from rankseg_jax.convert, so a layout bug there fails. The real file's num_batches_tracked
+buffers could not be checked offline: a file without them loads too (torch's rule).
 """
 
 from __future__ import annotations
