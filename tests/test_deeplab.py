@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from jax.extend import core as jax_core
 
 from rankseg_jax.convert import mmseg_conv
 from rankseg_jax.convert.segmenter_layout import state_dict_from_checkpoint
@@ -35,6 +36,8 @@ MODELS = ("deeplab_rankseg", "deeplab_baseline")
 N_CLS = 171
 TOL = 1e-5
 BN_TOL = 1e-6
+NOISE_K = 4  # gradients: K × the measured float32 noise floor (test_train_gradients)
+NOISE_SAMPLES = 4  # one-ulp parameter changes that measure it (_grads_and_noise)
 
 
 def _rel(a, b) -> float:
@@ -136,12 +139,8 @@ def _pool_interceptor(shift):
     return interceptor
 
 
-def _train_step_outputs(model, variables, x, y, pool_shift=None):
-    """One train forward (BN batch stats, running stats updated) → (metrics, grads, stats).
-
-    pool_shift (B, 1, 1, C): added to ASPP's image-pool conv output (its BN's input) through a
-    method interceptor, for the sensitivity analysis below; None leaves the model alone.
-    """
+def _grad_fn(model, variables, x, y):
+    """params → ((loss, (metrics, new batch stats)), grads) of one train forward (not jitted)."""
 
     def loss_fn(params):
         out, mutated = model.apply(
@@ -153,22 +152,91 @@ def _train_step_outputs(model, variables, x, y, pool_shift=None):
         terms = deeplab_loss_terms(out, y, N_CLS)
         return terms.total, (terms.metrics, mutated["batch_stats"])
 
-    if pool_shift is None:
-        fn = jax.value_and_grad(loss_fn, has_aux=True)
-    else:
-        with nn.intercept_methods(_pool_interceptor(pool_shift)):
-            fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (_, (metrics, stats)), grads = fn(variables["params"])
-        return metrics, grads, stats
-    (_, (metrics, stats)), grads = jax.jit(fn)(variables["params"])
-    return metrics, grads, stats
+    return jax.value_and_grad(loss_fn, has_aux=True)
 
 
-def _image_pool_allowance(model, variables, x, y, official_family, name):
-    """First-order allowance (absolute, torch layout) on gradients and running stats for the
-    float32 ill-conditioning of ASPP's image-pool BN; derived in test_train_gradients.
+def _to_float64(value):
+    """A float32 array or jaxpr literal as float64; anything else unchanged."""
+    if not isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        value = np.asarray(value, getattr(value, "dtype", None))
+    return value.astype(np.float64) if value.dtype == np.float32 else value
 
-    Returns ({grad key: array}, {bn key: array}).
+
+def _eval_in_float64(jaxpr, consts, *args) -> list:
+    """Evaluate a float32 jaxpr with every float32 value, constant and dtype parameter
+    promoted to float64 (call inside jax.enable_x64): the same program, op for op, without
+    float32 rounding. Sub-jaxprs (jit, custom_jvp/vjp primal bodies) are evaluated the same
+    way; scatter-add is re-bound without its float32 combiner."""
+    env = {}
+    read = lambda v: _to_float64(v.val) if isinstance(v, jax_core.Literal) else env[v]
+    env.update(zip(jaxpr.constvars, map(_to_float64, consts), strict=True))
+    env.update(zip(jaxpr.invars, map(_to_float64, args), strict=True))
+    f32 = np.dtype(np.float32)
+    for eqn in jaxpr.eqns:
+        ins, name, params = [read(v) for v in eqn.invars], eqn.primitive.name, eqn.params
+        if name in ("jit", "pjit", "closed_call"):
+            outs = _eval_in_float64(params["jaxpr"].jaxpr, params["jaxpr"].consts, *ins)
+        elif name in ("custom_jvp_call", "custom_vjp_call"):
+            outs = _eval_in_float64(params["call_jaxpr"].jaxpr, params["call_jaxpr"].consts, *ins)
+        elif name == "scatter-add":
+            keep = ("indices_are_sorted", "unique_indices", "mode")
+            kw = {k: params[k] for k in keep}
+            outs = [jax.lax.scatter_add(*ins, params["dimension_numbers"], **kw)]
+        else:
+            assert not list(jax_core.jaxprs_in_params(params)), name
+            as64 = lambda v: np.dtype(np.float64) if isinstance(v, np.dtype) and v == f32 else v
+            outs = eqn.primitive.bind(*ins, **{k: as64(v) for k, v in params.items()})
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _grads_and_noise(model, variables, x, y):
+    """Gradients of the train step and the float32 noise floor they are judged by.
+
+    Returns (metrics, grads, stats) of the float32 step, the same step's gradients in float64
+    (our jaxpr evaluated by `_eval_in_float64`, torch layout), and noise (torch layout): per
+    element the largest of |g₆₄(θ′₀) − g₆₄(θ)| and |g₃₂(θ′ₛ) − g₃₂(θ)| over NOISE_SAMPLES
+    seeds s, θ′ₛ = every parameter moved by one ulp in a seeded random direction. The first
+    term is the exact gradients' response to the parameters' float32 representation error
+    (CPU-independent); the others the same change evaluated with this CPU's float32 rounding,
+    which shows how strongly the step amplifies intermediate rounding on this CPU. Several
+    seeds, because that response is not Gaussian: on the rankseg model 4 of 5 seeds move
+    layer4.*.bn3.bias by 1.2–3.3e-3 of scale and one by 5e-5 (measured).
+    """
+    fn = _grad_fn(model, variables, x, y)
+    step = jax.jit(fn)  # one compilation, NOISE_SAMPLES + 1 calls
+    params = variables["params"]
+    sd = lambda g: mmseg_conv.variables_to_state_dict({"params": g})
+    (_, (metrics, stats)), grads = step(params)
+    g32 = sd(grads)
+    moved, noise = [], {k: np.zeros(v.shape) for k, v in g32.items()}
+    for seed in range(NOISE_SAMPLES):
+        rng = np.random.default_rng(seed)
+        one_ulp = lambda p, rng=rng: np.nextafter(
+            p, np.where(rng.random(np.shape(p)) < 0.5, -np.inf, np.inf).astype(p.dtype)
+        )
+        moved.append(jax.tree.map(one_ulp, params))
+        g32_moved = sd(step(moved[-1])[1])
+        for k in noise:
+            noise[k] = np.maximum(noise[k], np.abs(g32_moved[k].astype(np.float64) - g32[k]))
+    closed = jax.make_jaxpr(fn)(params)
+    tree = jax.tree.structure(jax.eval_shape(fn, params))
+    with jax.enable_x64(True):
+        run64 = jax.jit(lambda *leaves: _eval_in_float64(closed.jaxpr, closed.consts, *leaves))
+        g64, g64_moved = (
+            sd(jax.tree.unflatten(tree, [np.asarray(t) for t in run64(*jax.tree.leaves(p))])[1])
+            for p in (params, moved[0])
+        )
+    for k in noise:
+        noise[k] = np.maximum(noise[k], np.abs(g64_moved[k] - g64[k]))
+    return (metrics, grads, stats), g64, noise
+
+
+def _image_pool_allowance(model, variables, x, official_family, name):
+    """First-order allowance (absolute, torch layout) on the running stats for the float32
+    ill-conditioning of ASPP's image-pool BN; derived in
+    test_train_forward_losses_and_bn_running_stats. Returns {bn key: array}.
     """
     fwd = np.load(official_family / f"{name}_fwd_x48.npz")["backbone_out_3"]
     eval_feats = jax.jit(lambda v, im: model.apply(v, im, False)["features"][3])(variables, x)
@@ -198,18 +266,7 @@ def _image_pool_allowance(model, variables, x, y, official_family, name):
     delta_a = np.maximum(eps_fwd * (np.abs(z[0]) + np.abs(z[1])) / 2, delta_mean)
     delta_a = delta_a.astype(np.float32)
     c = z.shape[1]
-    # Tangent for channel j: z₁ += δa_j, z₂ −= δa_j (changes a = (z₁ − z₂)/2 by δa_j).
-    tangents = np.zeros((c, 2, 1, 1, c), np.float32)
-    tangents[np.arange(c), 0, 0, 0, np.arange(c)] = delta_a
-    tangents[np.arange(c), 1, 0, 0, np.arange(c)] = -delta_a
-
-    def grads_of(shift):
-        return _train_step_outputs(model, variables, x, y, shift)[1]
-
     zero = jnp.zeros((2, 1, 1, c), jnp.float32)
-    sens = jax.jit(jax.vmap(lambda t: jax.jvp(grads_of, (zero,), (t,))[1]))(tangents)
-    total = jax.tree.map(lambda t: np.abs(np.asarray(t, np.float64)).sum(0), sens)
-    grads_allowance = mmseg_conv.variables_to_state_dict({"params": total})
 
     def stats_of(shift):  # train-mode forward only: the running stats it writes
         with nn.intercept_methods(_pool_interceptor(shift)):
@@ -221,8 +278,7 @@ def _image_pool_allowance(model, variables, x, y, official_family, name):
     weight = delta_a.astype(np.float64)
     per_a = lambda j: np.abs(np.asarray(j[..., 0, 0, 0, :] - j[..., 1, 0, 0, :], np.float64))
     stats_total = jax.tree.map(lambda j: per_a(j) @ weight, jac)
-    stats_allowance = mmseg_conv.variables_to_state_dict({"batch_stats": stats_total})
-    return grads_allowance, stats_allowance
+    return mmseg_conv.variables_to_state_dict({"batch_stats": stats_total})
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +287,9 @@ def trained(loaded, official_family):
     model, variables, _ = _load(official_family, name, dropout=0.0, img_dropout=0.0)
     x = np.load(official_family / "fam_x48.npy").transpose(0, 2, 3, 1)
     y = np.load(official_family / f"{name}_y48.npy").astype(np.int32)
-    outputs = _train_step_outputs(model, variables, x, y)
-    allowance = _image_pool_allowance(model, variables, x, y, official_family, name)
-    return name, model, variables, x, y, outputs, allowance
+    outputs, grads64, noise = _grads_and_noise(model, variables, x, y)
+    allowance = _image_pool_allowance(model, variables, x, official_family, name)
+    return name, model, variables, x, y, outputs, allowance, grads64, noise
 
 
 def _summation_allowance(model, variables, x, stats) -> dict:
@@ -278,10 +334,22 @@ def _summation_allowance(model, variables, x, stats) -> dict:
 def test_train_forward_losses_and_bn_running_stats(trained, official_family):
     """Every logged term (aux included) within 1e-5 relative; running stats after one forward
     (momentum 0.1, unbiased variance, num_batches_tracked + 1) within 1e-6 of their scale plus
-    the image-pool allowance of test_train_gradients (non-zero only for BNs downstream of the
-    image-pool branch: the `bottleneck` BN, whose batch statistics see its output) plus the
-    float32 summation bound of `_summation_allowance`."""
-    name, model, variables, x, _, (metrics, _, stats), (_, allowance) = trained
+    the image-pool allowance below (non-zero only for BNs downstream of the image-pool branch:
+    the `bottleneck` BN, whose batch statistics see its output) plus the float32 summation
+    bound of `_summation_allowance`.
+
+    ASPP's image-pool BN normalises B×1×1 = 2 values per channel. With z₁, z₂ its inputs and
+    a = (z₁ − z₂)/2 (σ² = a²), its output γ·a/√(a² + eps) + β depends on a alone, and a is a
+    difference of two nearly equal numbers here (|z|/|a| up to ~600): a relative float32 error
+    ε in z is a relative error ε·(|z₁| + |z₂|)/(2|a|) in a, which the forward after this BN
+    inherits. ε is that of the stage-4 features with the official eval forward (~3e-7), and
+    the official train-mode batch mean of z follows from its image-pool running mean
+    ((new − 0.9·old)/0.1). The allowance is the first-order effect of moving each channel's a
+    by δa_c = max(ε·(|z₁c| + |z₂c|)/2, |Δ mean z_c|), summed in absolute value over channels:
+    Σ_c |∂(running stat)/∂a_c|·δa_c (jax.jacrev through the train forward); at most 1e-3 of a
+    stat's scale.
+    """
+    name, model, variables, x, _, (metrics, _, stats), allowance, _, _ = trained
     ref = json.loads((official_family / f"{name}_loss.json").read_text())["losses"]
     assert set(metrics) == set(ref)
     for key, value in ref.items():
@@ -308,45 +376,53 @@ def test_train_forward_losses_and_bn_running_stats(trained, official_family):
 
 
 def test_train_gradients(trained, official_family):
-    """d(loss)/d(param) against the official gradients: per tensor, max |Δ| within 1e-5 of the
-    tensor's scale (max |ref|) plus the tensor's largest derived allowance for ASPP's
-    image-pool BN.
+    """d(loss)/d(param) against the float64 gradients of the same step and against the official.
 
-    That BN normalises B×1×1 = 2 values per channel. With z₁, z₂ its inputs and a = (z₁ − z₂)/2
-    (σ² = a²), its output γ·a/√(a² + eps) + β and its input gradient γ·(dy₁ − dy₂)/2·eps·
-    (a² + eps)^(−3/2) depend on a alone, and a is a difference of two nearly equal numbers here
-    (|z|/|a| up to ~1.5·10³): a relative float32 error ε in z is a relative error
-    ε·(|z₁| + |z₂|)/(2|a|) in a, which both the forward after this BN and every gradient that
-    flows back through it inherit. The disagreement is measured, not assumed: ε is that of
-    the stage-4 features with the official eval forward (~3e-7), and the official train-mode
-    batch mean of z follows from its image-pool running mean ((new − 0.9·old)/0.1). The
-    allowance is the first-order effect of moving each channel's a by δa_c = max(ε·(|z₁c| +
-    |z₂c|)/2, |Δ mean z_c|), summed in absolute value
-    over channels: Σ_c |∂(grad or running stat)/∂a_c|·δa_c, by forward-over-reverse JVPs
-    through the whole train step. It is zero for tensors the image-pool branch cannot reach
-    (auxiliary head, backbone running stats) and at most 1 % of a tensor's scale.
+    Criterion, per tensor (max over its elements, scale = max |official|): both the official
+    float32 gradients and ours are within 1e-5·scale + K·noise of g₆₄, our jaxpr of the step
+    evaluated op for op in float64 (`_eval_in_float64`), K = 4; noise is the float32 noise
+    floor of `_grads_and_noise` (one-ulp parameter changes, in float64 and with this CPU's
+    float32 rounding). Both within that of one float64 function: the two implementations
+    compute the same function. Tensors the image pool cannot reach (auxiliary head, RankSeg
+    image-level head) are still held to 1e-5·scale against the official directly.
 
-    Why not 1e-5 flat: a float64 JAX run of this step (jax x64) shows the official float32
-    gradients themselves up to 3.6e-4 of scale off the float64 ones (167 of 212 tensors above
-    1e-5; baseline 5.1e-5, 168 of 190); ours are 2.8e-4 off with torch's BN backward order
-    (1.0e-3 with autodiff's order); computing only this BN in float64 does not help (5e-4),
-    since the error enters through a's forward rounding.
+    Why not 1e-5 flat against the official, nor a derived allowance: ASPP's image-pool BN
+    normalises B×1×1 = 2 values per channel. Its input gradient γ·(dy₁ − dy₂)/2·eps·
+    (a² + eps)^(−3/2) (a = (z₁ − z₂)/2) is, as every BN backward computes it, a difference of
+    O(|dy|) terms that cancel to a relative 1 − x̂² = eps/(a² + eps) (down to 1.7e-5 here), and
+    a itself cancels (|z|/|a| up to ~600), so float32 rounding anywhere on that path is
+    amplified into every gradient upstream of the image pool. Measured (AMD EPYC, 2 cores,
+    jax 0.10): the official float32 gradients are up to 3.6e-4 of scale off g₆₄ (baseline
+    5.1e-5); ours 1.65e-3 (baseline 1.9e-4), on another CPU 2.8e-4: XLA's float32 rounding on
+    this path differs by CPU. A one-ulp change of the parameters moves g₆₄ by up to 3e-5 of
+    scale (layer4.*.bn3.bias) but our float32 gradients by 1.65e-3 here, i.e. what separates
+    ours from g₆₄ is this CPU's rounding noise, not a different function. The earlier
+    first-order allowance (forward error of a: Σ_c |∂grad/∂a_c|·δa_c) was fitted against
+    ours − official and ours − g₆₄ by least squares over the 16 δa_c: it explains almost
+    none of either (layer4.2.bn3.bias 1.64e-3 before and after), so no choice of δa makes it
+    a bound, and the worst-case rounding bound on a ((H·W + C_in)·u·Σ|p||K|) exceeds 50 % of
+    some tensors' scale. In a trial with a one-sample noise floor the largest ratio
+    (|Δ| − 1e-5·scale)/noise over tensors was 1.1 for ours (baseline 1.5) and 2.6 for the
+    official (0.9); more samples only raise the floor. Test time: the float64 run and the four
+    float32 re-runs replace the 16 forward-over-reverse JVPs of the former allowance.
     """
-    name, _, _, _, _, (_, grads, _), (allowance, _) = trained
+    name, _, _, _, _, (_, grads, _), _, grads64, noise = trained
     ref = np.load(official_family / f"{name}_grads.npz")
     got = mmseg_conv.variables_to_state_dict({"params": grads})
-    assert set(got) == set(ref.files)
+    assert set(got) == set(ref.files) == set(grads64)
     within_flat = 0
     for key in ref.files:
         scale = np.abs(ref[key]).max()
-        diff = np.abs(got[key].astype(np.float64) - ref[key])
-        extra = allowance[key]
-        if key.startswith("auxiliary_head."):
-            assert np.max(extra) == 0.0, key  # the image-pool branch cannot reach it
-        # per tensor, like the 1e-5 criterion: max |Δ| ≤ 1e-5·scale + max allowance
-        assert diff.max() <= TOL * scale + np.max(extra), (key, float(diff.max() / scale))
-        assert np.max(extra) <= 1e-2 * scale, key  # the allowance stays a small fraction
-        within_flat += bool(np.all(diff <= TOL * scale))
+        bound = TOL * scale + NOISE_K * np.max(noise[key])
+        ours = np.abs(got[key].astype(np.float64) - grads64[key]).max()
+        official = np.abs(ref[key].astype(np.float64) - grads64[key]).max()
+        assert ours <= bound, (key, "ours vs float64", float(ours / scale))
+        assert official <= bound, (key, "official vs float64", float(official / scale))
+        assert np.max(noise[key]) <= 1e-2 * scale, key  # the noise floor stays a small fraction
+        diff = np.abs(got[key].astype(np.float64) - ref[key]).max()
+        if key.startswith("auxiliary_head.") or ".img_cls_head." in key:
+            assert diff <= TOL * scale, (key, float(diff / scale))  # the image pool is not there
+        within_flat += bool(diff <= TOL * scale)
     assert within_flat >= 10  # the tensors the image pool does not reach need no allowance
 
 
