@@ -61,14 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return _backbone(arg, kind, data, n_cls, k)
     if arg.variant != "tiny":
         raise recipes.ConfigError(f"variant={arg.variant!r} is not one of tiny, B/16, L/16")
-    data.update(
-        crop_size=(64, 64),
-        img_scale=(512, 128),
-        ratio_range=(0.75, 1.25),
-        photometric=False,
-        test_scale=(512, 128),
-        num_workers=1,
-    )
+    data.update(recipes.DEMO_DATA)
     steps = 2000
     overrides = dict(
         batch_size=8,

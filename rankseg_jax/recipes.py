@@ -42,6 +42,27 @@ def data_overrides(dataset: str) -> dict[str, Any]:
     return facts
 
 
+# The CPU-sized data settings of the demo recipes (configs/demo.py, the Swin UperNet demo,
+# configs/custom.py's tiny variant): 64 px crops of images scaled to 512×128, mild scale jitter,
+# no photometric distortion, one grain worker.
+DEMO_DATA: dict[str, Any] = dict(
+    crop_size=(64, 64),
+    img_scale=(512, 128),
+    ratio_range=(0.75, 1.25),
+    photometric=False,
+    test_scale=(512, 128),
+    num_workers=1,
+)
+
+
+def demo_data() -> dict[str, Any]:
+    """The `data` of the demo recipes: generated ADE20K-format data (400 train, 50 val images,
+    generated when missing) with DEMO_DATA's settings."""
+    data = data_overrides("synthetic_ade20k")
+    data.update(DEMO_DATA, generate_if_missing=True, synthetic_train=400, synthetic_val=50)
+    return data
+
+
 def classifier(head: str) -> str:
     """The `model.classifier` of a recipe's head=... arg."""
     if head not in HEADS:
@@ -338,19 +359,7 @@ def _upernet_small(overrides: dict, backbone: str, demo: bool) -> None:
         overrides["checkpoint"].update(every_steps=5)
         return
     steps = 600
-    data = data_overrides("synthetic_ade20k")
-    data.update(
-        crop_size=(64, 64),
-        img_scale=(512, 128),
-        ratio_range=(0.75, 1.25),
-        photometric=False,
-        test_scale=(512, 128),
-        num_workers=1,
-        generate_if_missing=True,
-        synthetic_train=400,
-        synthetic_val=50,
-    )
-    overrides["data"] = data
+    overrides["data"] = demo_data()
     model["k"] = min(int(model["k"]), 100)
     overrides["optimizer"].update(lr=2.5e-4, weight_decay=1e-4)
     overrides["schedule"].update(warmup_steps=10, warmup_ratio=0.1, min_lr=1e-5, power=0.9)
