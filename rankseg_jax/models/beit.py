@@ -35,7 +35,13 @@ import numpy as np
 
 from rankseg_jax.errors import ConfigError
 from rankseg_jax.models.conv import BatchNorm
-from rankseg_jax.models.layers import DropPath, Dtype, gelu, layer_norm
+from rankseg_jax.models.layers import (
+    DropPath,
+    Dtype,
+    check_block_encoder,
+    gelu,
+    layer_norm,
+)
 
 TRUNC_INIT = nn.initializers.truncated_normal(0.02)
 
@@ -258,7 +264,6 @@ class _PatchEmbed(nn.Module):
 # `config.model.beit`: the fb7a30f BEiT-L/16 640 rows (drop-path 0.2, out_indices 7/11/15/23).
 # `model.remat` 'full' checkpoints every block (nn.remat; benchmarks/README.md).
 CONFIG: dict = dict(beit=dict(variant="beit_large_640", drop_path_rate=0.2))
-REMAT_CHOICES = ("none", "full")
 
 
 def check_config(m: ml_collections.ConfigDict) -> None:
@@ -273,13 +278,7 @@ def check_config(m: ml_collections.ConfigDict) -> None:
             f"model.img_size={tuple(m.img_size)}: the {m.beit.variant} backbone is built for "
             f"{v.img_size}×{v.img_size} inputs (its relative position grid)"
         )
-    if not 0.0 <= m.beit.drop_path_rate < 1.0:
-        raise ConfigError(f"model.beit.drop_path_rate={m.beit.drop_path_rate} must be in [0, 1)")
-    if m.remat not in REMAT_CHOICES:
-        raise ConfigError(
-            f"model.remat={m.remat!r}: the beit encoder has {', '.join(REMAT_CHOICES)} "
-            "(per-block checkpointing)"
-        )
+    check_block_encoder(m, "beit")
 
 
 def build(m: ml_collections.ConfigDict, dtype: Dtype) -> BEiT:

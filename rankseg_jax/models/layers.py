@@ -13,9 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rankseg_jax.errors import ConfigError
+
 Dtype = Any
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_CHOICES = ("none", "full")  # model.remat of the block encoders (swin, beit)
 # The reference initialises every decoder Linear with trunc_normal(std=0.02), whose ±2 bounds are
 # absolute (±100σ): effectively N(0, 0.02²). Encoder Linears keep flax's default.
 HEAD_INIT = nn.initializers.normal(0.02)
@@ -220,3 +223,16 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
         return x
     shape = (x.shape[0], *size, x.shape[-1])
     return jax.image.resize(x, shape, method="linear", antialias=False)
+
+
+def check_block_encoder(m: Any, name: str) -> None:
+    """ConfigError for the settings every stochastic-depth block encoder shares (swin, beit):
+    `model.<name>.drop_path_rate` in [0, 1) and `model.remat` one of REMAT_CHOICES."""
+    rate = m[name].drop_path_rate
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"model.{name}.drop_path_rate={rate} must be in [0, 1)")
+    if m.remat not in REMAT_CHOICES:
+        raise ConfigError(
+            f"model.remat={m.remat!r}: the {name} encoder has {', '.join(REMAT_CHOICES)} "
+            "(per-block checkpointing)"
+        )

@@ -34,7 +34,13 @@ import ml_collections
 import numpy as np
 
 from rankseg_jax.errors import ConfigError
-from rankseg_jax.models.layers import DropPath, Dtype, gelu, layer_norm
+from rankseg_jax.models.layers import (
+    DropPath,
+    Dtype,
+    check_block_encoder,
+    gelu,
+    layer_norm,
+)
 
 TRUNC_INIT = nn.initializers.truncated_normal(0.02)
 
@@ -345,7 +351,6 @@ class _Stage(nn.Module):
 # `config.model.swin`: the UperNet Swin-B rows (mmseg `upernet_swin` + the Swin-B 22k 384 row:
 # window 12, drop-path 0.3). `model.remat` 'full' checkpoints every block (nn.remat).
 CONFIG: dict = dict(swin=dict(variant="swin_base_w12", drop_path_rate=0.3))
-REMAT_CHOICES = ("none", "full")
 
 
 def check_config(m: ml_collections.ConfigDict) -> None:
@@ -354,13 +359,7 @@ def check_config(m: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"model.swin.variant={m.swin.variant!r} is not one of {', '.join(SWIN_VARIANTS)}"
         )
-    if not 0.0 <= m.swin.drop_path_rate < 1.0:
-        raise ConfigError(f"model.swin.drop_path_rate={m.swin.drop_path_rate} must be in [0, 1)")
-    if m.remat not in REMAT_CHOICES:
-        raise ConfigError(
-            f"model.remat={m.remat!r}: the swin encoder has {', '.join(REMAT_CHOICES)} "
-            "(per-block checkpointing)"
-        )
+    check_block_encoder(m, "swin")
 
 
 def build(m: ml_collections.ConfigDict, dtype: Dtype) -> SwinTransformer:
